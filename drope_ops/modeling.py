@@ -1,0 +1,201 @@
+"""The DroPE model: a Llama-family causal LM whose layers may drop RoPE, with optional QK-norm and a
+softmax logit scale.
+
+This file is self-contained (torch + transformers only): `drope export --format remote-code` copies it
+verbatim next to a checkpoint, so it must not import anything from this project.
+
+Per layer the attention is
+
+    q = q_norm(q_proj(x)), k = k_norm(k_proj(x))          # norms optional: none | qk | q, scope full | head
+    q, k = rope(q, k)  only for layers in config.rope_layers (none by default: no rotary work at all)
+    out = softmax(beta * q.k / sqrt(d)) v                  # through transformers' attention backends
+
+with beta = logit_scale * max(1, 1 + logit_scale_c * ln(L / original_max_position_embeddings)), L the
+current key length (the paper's fitted softmax temperature, Section C.2; c = 0.103 for SmolLM-DroPE).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from huggingface_hub.dataclasses import strict
+from torch import nn
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.configuration_llama import LlamaConfig
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaForCausalLM,
+    LlamaModel,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+    eager_attention_forward,
+)
+
+QK_NORM_CHOICES = ("none", "qk", "q")
+QK_NORM_SCOPES = ("full", "head")
+
+
+@strict
+class DropeConfig(LlamaConfig):
+    r"""A LlamaConfig plus what DroPE changes.
+
+    rope_layers: indices of layers that keep RoPE (empty = every layer is NoPE, the paper's DroPE).
+    qk_norm: "none", "qk" (RMSNorm on queries and keys) or "q" (queries only, paper Section C.1).
+    qk_norm_scope: "full" (RMSNorm over num_heads*head_dim before splitting heads, as the paper / OLMo2)
+        or "head" (per-head RMSNorm over head_dim, as Qwen3).
+    logit_scale: static beta multiplying q.k/sqrt(d) (1.0 = unchanged).
+    logit_scale_c: dynamic beta coefficient c: beta = max(1, 1 + c*ln(L/C_train)); None = off.
+    original_max_position_embeddings: C_train, the context the RoPE model was pretrained at.
+    qkv_bias: bias on q/k/v projections only (Qwen2 layout); attention_bias puts one on o_proj too.
+    source_model / source_sha256: provenance of the checkpoint the surgery started from.
+    """
+
+    model_type = "drope"
+
+    rope_layers: list[int] | None = None
+    qk_norm: str = "none"
+    qk_norm_scope: str = "full"
+    logit_scale: float = 1.0
+    logit_scale_c: float | None = None
+    original_max_position_embeddings: int | None = None
+    qkv_bias: bool = False
+    source_model: str | None = None
+    source_sha256: str | None = None
+
+    def __post_init__(self, **kwargs):
+        if self.rope_layers is None:
+            self.rope_layers = []
+        if self.original_max_position_embeddings is None:
+            self.original_max_position_embeddings = self.max_position_embeddings
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        super().validate_architecture()
+        if self.qk_norm not in QK_NORM_CHOICES:
+            raise ValueError(f"qk_norm={self.qk_norm!r}: choose one of {QK_NORM_CHOICES}")
+        if self.qk_norm_scope not in QK_NORM_SCOPES:
+            raise ValueError(f"qk_norm_scope={self.qk_norm_scope!r}: choose one of {QK_NORM_SCOPES}")
+        bad = [i for i in self.rope_layers if not 0 <= i < self.num_hidden_layers]
+        if bad:
+            raise ValueError(
+                f"rope_layers {bad} out of range: the model has layers 0..{self.num_hidden_layers - 1}"
+            )
+        if not self.logit_scale > 0:
+            raise ValueError(f"logit_scale={self.logit_scale}: must be > 0")
+
+
+def dynamic_logit_scale(key_len: int, c: float | None, original_context: int) -> float:
+    """beta(L) = max(1, 1 + c*ln(L/C_train)); exactly 1.0 for L <= C_train or c None."""
+    if c is None or key_len <= original_context:
+        return 1.0
+    return max(1.0, 1.0 + c * math.log(key_len / original_context))
+
+
+class DropeAttention(LlamaAttention):
+    """LlamaAttention with optional RoPE, optional q/k RMSNorm and a logit scale."""
+
+    def __init__(self, config: DropeConfig, layer_idx: int):
+        super().__init__(config, layer_idx)
+        self.use_rope = layer_idx in config.rope_layers
+        if config.qkv_bias:
+            for proj in (self.q_proj, self.k_proj, self.v_proj):
+                proj.bias = nn.Parameter(torch.zeros(proj.out_features))
+        n_q = config.num_attention_heads * self.head_dim
+        n_k = config.num_key_value_heads * self.head_dim
+        full = config.qk_norm_scope == "full"
+        self.q_norm = (
+            LlamaRMSNorm(n_q if full else self.head_dim, eps=config.rms_norm_eps)
+            if config.qk_norm in ("qk", "q")
+            else None
+        )
+        self.k_norm = (
+            LlamaRMSNorm(n_k if full else self.head_dim, eps=config.rms_norm_eps)
+            if config.qk_norm == "qk"
+            else None
+        )
+        self.norm_full = full
+
+    def _project(self, proj, norm, hidden_states, hidden_shape):
+        x = proj(hidden_states)  # (B, T, H*D)
+        if norm is not None and self.norm_full:
+            x = norm(x)
+        x = x.view(hidden_shape)  # (B, T, H, D)
+        if norm is not None and not self.norm_full:
+            x = norm(x)
+        return x.transpose(1, 2)  # (B, H, T, D)
+
+    def forward(self, hidden_states, position_embeddings=None, attention_mask=None, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+
+        query_states = self._project(self.q_proj, self.q_norm, hidden_states, hidden_shape)
+        key_states = self._project(self.k_proj, self.k_norm, hidden_states, hidden_shape)
+        value_states = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+
+        if self.use_rope:
+            cos, sin = position_embeddings
+            query_states, key_states = apply_rotary_pos_emb(query_states, key_states, cos, sin)
+
+        if past_key_values is not None:
+            key_states, value_states = past_key_values.update(key_states, value_states, self.layer_idx)
+
+        cfg = self.config
+        beta = cfg.logit_scale * dynamic_logit_scale(
+            key_states.shape[-2], cfg.logit_scale_c, cfg.original_max_position_embeddings
+        )
+        attention_interface = ALL_ATTENTION_FUNCTIONS.get_interface(cfg._attn_implementation, eager_attention_forward)
+        attn_output, attn_weights = attention_interface(
+            self,
+            query_states,
+            key_states,
+            value_states,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling * beta,
+            **kwargs,
+        )
+        attn_output = attn_output.reshape(*input_shape, -1).contiguous()
+        return self.o_proj(attn_output), attn_weights
+
+
+class NoRotaryEmbedding(nn.Module):
+    """Stands in for the rotary embedding when no layer keeps RoPE: computes nothing."""
+
+    def forward(self, x, position_ids):
+        return None
+
+
+class DropeModel(LlamaModel):
+    config_class = DropeConfig
+
+    def __init__(self, config: DropeConfig):
+        super().__init__(config)
+        for i, layer in enumerate(self.layers):
+            layer.self_attn = DropeAttention(config, i)
+        if not config.rope_layers:
+            self.rotary_emb = NoRotaryEmbedding()
+        else:
+            self.rotary_emb = LlamaRotaryEmbedding(config=config)
+
+
+class DropeForCausalLM(LlamaForCausalLM):
+    config_class = DropeConfig
+
+    def __init__(self, config: DropeConfig):
+        super().__init__(config)
+        self.model = DropeModel(config)
+        self.post_init()
+
+
+def register() -> None:
+    """Register the model type with transformers' Auto classes (idempotent)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM
+
+    try:
+        AutoConfig.register(DropeConfig.model_type, DropeConfig)
+        AutoModel.register(DropeConfig, DropeModel)
+        AutoModelForCausalLM.register(DropeConfig, DropeForCausalLM)
+    except ValueError:  # already registered
+        pass

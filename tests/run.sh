@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# README command 2: install what the tests need (into .venv) and run every test tier.
+#   bash tests/run.sh                 # unit + integration + e2e
+#   bash tests/run.sh -m unit         # extra arguments go to pytest
+set -euo pipefail
+here="$(cd "$(dirname "$0")/.." && pwd)"
+bash "$here/cluster/setup-env.sh" test
+cd "$here"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
+set +e
+.venv/bin/python -m pytest tests --durations=30 "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then
+  echo "tests/run.sh: pytest collected no tests: that is a failure" >&2
+  exit 1
+fi
+exit "$rc"
