@@ -1,0 +1,142 @@
+"""Bad input never hurts: each case goes through the real CLI and must end in ONE error line naming
+the field or file and the fix, a non-zero exit, the ledger and MLflow runs FAILED (none RUNNING), and
+no half-written checkpoint. (NaN loss mid-recalibration: tests/e2e/test_workflow.py.)"""
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from drope_ops.manifest import write_manifest
+from tests.fixtures.workflow_services import VENV_BIN, run_drope
+
+
+@pytest.fixture(scope="module")
+def bad_checkpoints(tmp_path_factory, debug_checkpoint):
+    """Broken copies of the tiny debug checkpoint, one per way a user's checkpoint can be wrong."""
+    root = tmp_path_factory.mktemp("bad")
+    out = {}
+
+    gpt2 = root / "gpt2"
+    shutil.copytree(debug_checkpoint, gpt2)
+    cfg = json.loads((gpt2 / "config.json").read_text())
+    cfg.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_positions=128, n_embd=64)
+    cfg.pop("rope_parameters", None)
+    (gpt2 / "config.json").write_text(json.dumps(cfg))
+    out["gpt2"] = gpt2
+
+    no_config = root / "no-config"
+    shutil.copytree(debug_checkpoint, no_config)
+    (no_config / "config.json").unlink()
+    out["no_config"] = no_config
+
+    pickle_only = root / "pickle-only"
+    shutil.copytree(debug_checkpoint, pickle_only)
+    for p in pickle_only.glob("*.safetensors"):
+        p.rename(p.with_name("pytorch_model.bin"))
+    out["pickle"] = pickle_only
+
+    bad_sha = root / "bad-sha"
+    shutil.copytree(debug_checkpoint, bad_sha)
+    write_manifest(bad_sha)
+    shard = next(bad_sha.glob("*.safetensors"))
+    data = bytearray(shard.read_bytes())
+    data[-10] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    out["bad_sha"] = bad_sha
+
+    bad_yaml = root / "bad.yaml"
+    bad_yaml.write_text("name: x\nmodel: [unclosed\n")
+    out["bad_yaml"] = bad_yaml
+    unknown_field = root / "unknown-field.yaml"
+    unknown_field.write_text("extends: debug\nname: debug\nrecalibrate: {stepz: 3}\n")
+    out["unknown_field"] = unknown_field
+    return out
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory, mlflow_server):
+    e = {**os.environ, "DROPE_HOME": str(tmp_path_factory.mktemp("home")), "MLFLOW_TRACKING_URI": mlflow_server,
+         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+# (id, argv builder, words the one error line must contain, does a run get created?)
+SPEC_CASES = [
+    ("unknown-preset", lambda b: ["run", "smollm-9b"], ["unknown preset", "smollm-9b", "debug"]),
+    ("unknown-field", lambda b: ["run", str(b["unknown_field"])], ["stepz", "steps"]),
+    ("bad-yaml", lambda b: ["run", str(b["bad_yaml"])], ["bad.yaml", "YAML"]),
+    ("target-not-longer", lambda b: ["run", "debug", "--set", "fit_temperature.extension_factors=[1]"],
+     ["fit_temperature.extension_factors", "> 1"]),
+    ("zero-steps", lambda b: ["run", "debug", "--set", "recalibrate.steps=0"], ["steps"]),
+    ("negative-steps", lambda b: ["run", "debug", "--set", "recalibrate.steps=-5"], ["steps"]),
+    ("batch-not-divisible", lambda b: ["run", "debug", "--set", "recalibrate.global_batch=3"], ["global_batch"]),
+    ("lr-zero", lambda b: ["run", "debug", "--set", "recalibrate.lr=0"], ["lr"]),
+    ("set-without-equals", lambda b: ["run", "debug", "--set", "recalibrate.steps"], ["--set", "="]),
+    ("mlflow-unreachable", lambda b: ["run", "debug", "--set", "tracking.uri=http://127.0.0.1:9"],
+     ["tracking.uri", "unreachable"]),
+    ("no-such-bucket", lambda b: ["run", "debug", "--set", "storage.root=s3://drope-no-such-bucket-x1/runs"],
+     ["drope-no-such-bucket-x1"]),
+    ("ray-nothing-listening", lambda b: ["submit", "debug", "--address", "http://127.0.0.1:9"],
+     ["--address", "127.0.0.1:9"]),
+    ("resume-unknown-run", lambda b: ["resume", "no-such-run-42"], ["no-such-run-42"]),
+    ("status-unknown-run", lambda b: ["status", "no-such-run-42"], ["no-such-run-42"]),
+    ("unknown-asset", lambda b: ["run", "debug", "--set", "model.source=asset:gpt-5"], ["asset:gpt-5"]),
+]
+
+# These pass spec validation, so a run starts and the failing stage must be recorded as FAILED.
+STAGE_CASES = [
+    ("gpt2-architecture", lambda b: ["--set", f"model.source={b['gpt2']}"], "fetch", ["gpt2"]),
+    ("no-config-json", lambda b: ["--set", f"model.source={b['no_config']}"], "fetch", ["config.json"]),
+    ("pickle-only", lambda b: ["--set", f"model.source={b['pickle']}"], "fetch", ["allow_pickle"]),
+    ("sha256-mismatch", lambda b: ["--set", f"model.source={b['bad_sha']}"], "fetch", ["sha256"]),
+    ("rope-layer-out-of-range", lambda b: ["--set", "drop_rope.rope_layers=[7]"], "drop_rope", ["7"]),
+    ("seq-len-above-context", lambda b: ["--set", "data.seq_len=4096"], "recalibrate", ["seq_len"]),
+    ("missing-data-file", lambda b: ["--set", "data.source=/nonexistent/corpus.txt"], "recalibrate",
+     ["/nonexistent/corpus.txt"]),
+]
+
+
+def one_error_line(proc, command: str) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"drope {command}: error:")]
+    assert proc.returncode != 0, proc.stdout[-2000:]
+    assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr[-3000:]}"
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.mark.parametrize("case, argv, words", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
+def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env):
+    runs_before = set(Path(env["DROPE_HOME"]).glob("runs/*"))
+    proc = run_drope(argv(bad_checkpoints), env, timeout=300)
+    line = one_error_line(proc, argv(bad_checkpoints)[0])
+    for w in words:
+        assert w in line, line
+    assert set(Path(env["DROPE_HOME"]).glob("runs/*")) == runs_before  # nothing created
+
+
+@pytest.mark.parametrize("case, extra, stage, words", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
+def test_failing_stage_is_recorded(case, extra, stage, words, bad_checkpoints, env, mlflow_server):
+    run_id = f"bad-{case}"
+    proc = run_drope(["run", "debug", "--run-id", run_id, *extra(bad_checkpoints)], env, timeout=600)
+    line = one_error_line(proc, "run")
+    for w in words:
+        assert w in line, line
+    status = json.loads(run_drope(["status", run_id, "--json"], env, check=True).stdout)
+    recs = {s["stage"]: s for s in status["stages"]}
+    assert status["run"]["status"] == "failed"
+    assert recs[stage]["status"] == "failed" and recs[stage]["error"]
+    assert not any(r["status"] == "running" for r in recs.values())
+    # no half-written checkpoint: the failed stage's output does not exist
+    run_dir = Path(env["DROPE_HOME"]) / "runs" / run_id / "stages" / stage
+    assert not any(p.is_file() for p in run_dir.rglob("*")), list(run_dir.rglob("*"))
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name("debug")
+    runs = client.search_runs([exp.experiment_id], f"tags.`drope.run_id` = '{run_id}'")
+    assert runs and all(r.info.status != "RUNNING" for r in runs)
+    failed = [r for r in runs if r.data.tags.get("drope.stage") == stage]
+    assert failed and failed[0].info.status == "FAILED" and failed[0].data.tags.get("drope.error")

@@ -1,0 +1,83 @@
+"""Submitting a workflow run to a Ray cluster as a Ray job (JobSubmissionClient).
+
+The job's entrypoint is `drope resume RUN_ID --storage ROOT`: the same driver `drope run` uses, run on
+the cluster's head, so a resubmission after any failure continues the same run. Submission ids are
+deterministic per run and attempt (drope-<run_id>-a<N>). Secrets are never put in the runtime_env
+(the Ray dashboard shows it): nodes get credentials from their own environment or instance profile.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+
+from drope_ops.errors import DropeError
+from workflows.ledger import Ledger
+
+# Non-secret environment the driver on the cluster needs to find the same services as the submitter.
+PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
+              "HF_ENDPOINT", "HF_HUB_OFFLINE", "DROPE_CACHE")
+RUNTIME_ENV_FILE = Path(__file__).resolve().parent.parent / "cluster" / "runtime-env.yaml"
+
+
+def check_address(address: str) -> None:
+    try:
+        with urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=5):
+            return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DropeError(f"--address {address}: no Ray dashboard answers there ({getattr(e, 'reason', e)}); "
+                         "start one (cluster/local-up.sh) or give http://HEAD:8265 of a running cluster") from None
+
+
+def _runtime_env(run_uri: str) -> dict:
+    env = {}
+    if RUNTIME_ENV_FILE.exists():
+        env = yaml.safe_load(RUNTIME_ENV_FILE.read_text()) or {}
+    env_vars = dict(env.get("env_vars", {}))
+    env_vars.update({k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)})
+    env_vars["DROPE_HOME"] = os.environ.get("DROPE_HOME") or str(Path(".drope").resolve())
+    env["env_vars"] = env_vars
+    env.pop("working_dir", None)  # drope is installed on the nodes; the run's state lives in storage
+    return env
+
+
+def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    check_address(address)
+    ledger = Ledger(run_uri)
+    run = ledger.read_run()
+    n = int(run.get("submissions", 0)) + 1
+    submission_id = f"drope-{run_id}-a{n}"
+    root = run_uri[: -len(run_id)].rstrip("/") or "."
+    client = JobSubmissionClient(address)
+    client.submit_job(
+        entrypoint=f"drope resume {shlex.quote(run_id)} --storage {shlex.quote(root)}",
+        submission_id=submission_id,
+        runtime_env=_runtime_env(run_uri),
+        metadata={"drope_run_id": run_id, "attempt": str(n)},
+    )
+    run.update(submissions=n, submission_id=submission_id, address=address)
+    ledger.write_run(run)
+    from workflows.commands.workflow import _remember
+
+    _remember(run_id, run_uri, address=address, submission_id=submission_id)
+    return submission_id
+
+
+def job_status(address: str, submission_id: str) -> str:
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return str(JobSubmissionClient(address).get_job_status(submission_id).value)
+    except Exception as e:  # the cluster may be gone; status still prints the ledger
+        return f"unknown ({type(e).__name__})"
+
+
+

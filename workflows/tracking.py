@@ -1,0 +1,215 @@
+"""MLflow tracking for workflow runs: a parent run per workflow run, a child run per stage attempt,
+every checkpoint an MLflow 3 external LoggedModel whose lineage (source run, parent model, data) is
+recorded, datasets logged as run inputs, system metrics on.
+
+Only the driver (and rank 0 of a training run, through MlflowMetricsSink) writes. Secrets never reach
+MLflow: params come from the spec, which holds none, and are scrubbed by `redact` anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from drope_ops.errors import SpecError
+
+_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
+STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
+
+
+def resolve_tracking_uri(configured: str, home: Path) -> str:
+    uri = configured or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if not uri:
+        home.mkdir(parents=True, exist_ok=True)
+        uri = f"sqlite:///{(home / 'mlflow.db').resolve()}"
+    return uri
+
+
+def check_reachable(uri: str) -> None:
+    """Fail fast with one line when an http(s) tracking server does not answer."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=5) as r:
+            if r.status == 200:
+                return
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        reason = getattr(e, "reason", e)
+        raise SpecError(
+            f"tracking.uri {uri} is unreachable ({reason}): start the server (cluster/local-up.sh) "
+            "or set tracking.uri / MLFLOW_TRACKING_URI to a running one"
+        ) from None
+    raise SpecError(f"tracking.uri {uri} answered /health with an error: check the MLflow server")
+
+
+def redact(params: dict) -> dict:
+    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in params.items()}
+
+
+def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in tree.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = json.dumps(v) if not isinstance(v, str) else v
+    return redact({k: v[:6000] for k, v in out.items()})
+
+
+def git_revision() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        return subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=5).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+class MlflowMetricsSink:
+    """Picklable metrics sink for stages (rank 0 of training, evaluation tasks): logs to one run."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        self.tracking_uri, self.run_id = tracking_uri, run_id
+        self._client = None
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        ts = int(time.time() * 1000)
+        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
+        if batch:
+            self._client.log_batch(self.run_id, metrics=batch)
+
+    def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
+        from mlflow import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        self._client.log_artifact(self.run_id, path, artifact_path)
+
+    def __getstate__(self):
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+        import mlflow
+        from mlflow import MlflowClient
+
+        self.uri = uri
+        mlflow.set_tracking_uri(uri)
+        self.client = MlflowClient(uri)
+        exp = self.client.get_experiment_by_name(experiment)
+        if exp is None:
+            location = None
+            if artifact_root is not None and not uri.startswith(("http://", "https://")):
+                artifact_root.mkdir(parents=True, exist_ok=True)
+                location = artifact_root.resolve().as_uri()
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+        else:
+            self.experiment_id = exp.experiment_id
+        self._monitors = {}
+
+    # -- runs -------------------------------------------------------------------------------------
+    def start_parent(self, run_id: str, spec_tree: dict, spec_yaml: str, existing: str = "") -> str:
+        if existing:
+            self.client.update_run(existing, status="RUNNING")
+            return existing
+        run = self.client.create_run(
+            self.experiment_id, run_name=run_id,
+            tags={"drope.run_id": run_id, "drope.kind": "workflow", "mlflow.source.git.commit": git_revision()},
+        )
+        rid = run.info.run_id
+        for chunk in _chunks(flatten(spec_tree)):
+            self.client.log_batch(rid, params=chunk)
+        self.log_text(rid, spec_yaml, "spec.yaml")
+        return rid
+
+    def start_stage(self, parent_id: str, run_id: str, stage: str, attempt: int, params: dict) -> str:
+        run = self.client.create_run(
+            self.experiment_id, run_name=f"{stage}#{attempt}",
+            tags={"mlflow.parentRunId": parent_id, "drope.run_id": run_id, "drope.stage": stage,
+                  "drope.attempt": str(attempt)},
+        )
+        rid = run.info.run_id
+        for chunk in _chunks(flatten(params)):
+            self.client.log_batch(rid, params=chunk)
+        self._start_system_metrics(rid)
+        return rid
+
+    def end_run(self, rid: str, status: str, error: str = "") -> None:
+        monitor = self._monitors.pop(rid, None)
+        if monitor is not None:
+            try:
+                monitor.finish()
+            except Exception:  # system metrics are best effort; never mask the stage's own outcome
+                pass
+        if error:
+            self.client.set_tag(rid, "drope.error", error[:4000])
+        self.client.set_terminated(rid, status=STATUS.get(status, status))
+
+    def _start_system_metrics(self, rid: str) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(rid, sampling_interval=5, tracking_uri=self.uri)
+            monitor.start()
+            self._monitors[rid] = monitor
+        except Exception:  # psutil missing or monitor unsupported here: training still runs
+            pass
+
+    # -- artifacts, data, models ------------------------------------------------------------------
+    def log_text(self, rid: str, text: str, name: str) -> None:
+        with tempfile.TemporaryDirectory() as tmp:
+            p = Path(tmp) / name
+            p.write_text(text)
+            self.client.log_artifact(rid, str(p))
+
+    def log_artifact(self, rid: str, path: str, artifact_path: str | None = None) -> None:
+        if path and Path(path).exists():
+            self.client.log_artifact(rid, path, artifact_path)
+
+    def log_metrics(self, rid: str, metrics: dict, step: int = 0) -> None:
+        MlflowMetricsSink(self.uri, rid).log_metrics(metrics, step)
+
+    def log_dataset(self, rid: str, name: str, source: str, digest: str, context: str) -> None:
+        from mlflow.entities import Dataset, DatasetInput, InputTag
+
+        ds = Dataset(name=name, digest=digest[:36], source_type="drope", source=json.dumps({"uri": source}))
+        self.client.log_inputs(rid, datasets=[DatasetInput(ds, tags=[InputTag("mlflow.data.context", context)])])
+
+    def register_checkpoint(self, rid: str, name: str, uri: str, *, fingerprint: str,
+                            parent_model_id: str = "", data: str = "", extra: dict | None = None) -> str:
+        """An external LoggedModel for a checkpoint that stays in the run's storage."""
+        import mlflow
+        from mlflow.entities import LoggedModelInput, LoggedModelOutput
+
+        tags = {"drope.uri": uri, "drope.fingerprint": fingerprint, "drope.parent_model_id": parent_model_id,
+                "drope.data": data}
+        model = mlflow.create_external_model(
+            name=name, source_run_id=rid, tags=tags, params=flatten(extra or {}), model_type="drope-checkpoint",
+            experiment_id=self.experiment_id,
+        )
+        self.client.log_outputs(rid, [LoggedModelOutput(model.model_id, step=0)])
+        if parent_model_id:
+            self.client.log_inputs(rid, models=[LoggedModelInput(parent_model_id)])
+        return model.model_id
+
+
+def _chunks(params: dict, n: int = 90):
+    from mlflow.entities import Param
+
+    items = [Param(k, v) for k, v in params.items()]
+    for i in range(0, len(items), n):
+        yield items[i : i + n]
