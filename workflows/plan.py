@@ -10,6 +10,13 @@ GPU_PEAK_FLOPS = 989e12  # H100 SXM bf16 dense
 MFU = 0.35
 
 
+def _count(n: float) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.2f}{unit}"
+    return str(int(n))
+
+
 def describe(spec: WorkflowSpec) -> str:
     r, d = spec.recalibrate, spec.data
     seq = d.seq_len or spec.model.original_context or 0
@@ -21,7 +28,7 @@ def describe(spec: WorkflowSpec) -> str:
                  f"rope kept in {spec.drop_rope.rope_layers or 'no'} layers; 1 CPU task, streams shards")
     res = f"{r.num_workers} workers x ({'1 GPU, ' if r.use_gpu else ''}{r.cpus_per_worker} CPU)"
     lines.append(f"  recalibrate: {res}, ZeRO-{r.zero_stage}, {r.steps} steps x {r.global_batch} seqs x "
-                 f"{seq or '?'} tokens = {tokens / 1e9:.3f}B tokens, lr {r.lr}")
+                 f"{seq or '?'} tokens = {_count(tokens)} tokens, lr {r.lr}")
     if params and tokens:
         flops = 6 * params * tokens
         lines.append(f"      ~{flops:.2e} FLOPs ~ {flops / (GPU_PEAK_FLOPS * MFU) / 3600:.1f} GPU-hours "

@@ -1,0 +1,36 @@
+"""The drope CLI's cheap faces: help, presets, plan, and one-line errors for unknown commands."""
+
+from workflows.cli import main
+
+
+def test_help_lists_every_command(capsys):
+    assert main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for cmd in ["run", "submit", "resume", "status", "lineage", "plan", "presets", "fetch", "drop-rope", "export",
+                "import-gguf", "recalibrate", "fit-temperature", "eval"]:
+        assert f"  {cmd} " in out
+
+
+def test_unknown_command_is_one_line(capsys):
+    assert main(["frobnicate"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "frobnicate" in err and "\n" not in err
+
+
+def test_presets_lists_with_descriptions(capsys):
+    assert main(["presets"]) == 0
+    out = capsys.readouterr().out
+    assert "llama-2-7b" in out and "smollm2-135m-cpu" in out and "20B-token" in out
+
+
+def test_plan_estimates_tokens_and_gpu_hours(capsys):
+    assert main(["plan", "llama-2-7b"]) == 0
+    out = capsys.readouterr().out
+    # 9537 steps x 512 seqs x 4096 tokens = 20.0B tokens, the paper's Llama-2-7B budget
+    assert "20.00B tokens" in out and "GPU-hours" in out and "ZeRO-3" in out
+    assert "fetch -> drop_rope -> recalibrate -> fit_temperature -> evaluate" in out
+
+
+def test_plan_rejects_bad_override(capsys):
+    assert main(["plan", "debug", "--set", "recalibrate.lr=-1"]) == 2
+    assert "lr" in capsys.readouterr().err

@@ -1,0 +1,264 @@
+"""Stage evaluate: DroPE against the base RoPE model and its PI / NTK / YaRN scalings.
+
+    drope eval --drope CKPT --base BASE_CKPT OUT --variants drope rope yarn --tasks niah_single_1 perplexity \
+        --factors 1 2 4 --samples 4
+
+Work is a list of independent units, one per (variant, task, length), each a plain dict that
+`run_unit` evaluates by itself (loads its model, runs, returns a result dict). `evaluate` runs them
+as Ray tasks (num_cpus = cpus_per_unit) when Ray is initialised, else one after another here (models
+cached between units of the same variant and length), then writes results.json / results.md, one
+NIAH heatmap per variant and task, and perplexity_vs_length.png.
+
+Lengths are L = s * C_train, C_train being the DroPE config's original_max_position_embeddings (or
+`original_context`): SmolLM2's config says 8192 though it pretrained at 2048. The base variants get
+extension factor s (PI / YaRN at factor 1 are the base model). Perplexity adds the "crop" reference:
+the base model fed at most C_train tokens (sliding windows), the paper's Figure 5 comparison.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drope_ops.data import DataConfig
+from drope_ops.errors import SpecError
+
+log = logging.getLogger(__name__)
+VARIANTS = ("drope", "rope", "pi", "ntk", "yarn")
+NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+              "niah_multikey_3", "niah_multivalue", "niah_multiquery")
+OTHER_TASKS = ("perplexity", "longbench")
+
+
+@dataclass
+class EvalConfig:
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    """Models to compare: drope (the fitted DroPE checkpoint), rope (base as is), pi, ntk, yarn."""
+    tasks: list[str] = field(default_factory=lambda: ["niah_single_1", "perplexity"])
+    """RULER NIAH task names, "perplexity" and/or "longbench"."""
+    extension_factors: list[float] = field(default_factory=lambda: [1, 2, 4])
+    """Lengths as multiples of C_train."""
+    samples_per_cell: int = 4
+    """NIAH prompts per (variant, task, length); depths cycle through `depths`."""
+    depths: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100])
+    """Needle depths in percent of the context."""
+    haystack: str | None = None
+    """None: each RULER task's own haystack; "essay" or "noise" replaces it (needle haystacks stay)."""
+    essay_path: str | None = None
+    """Text file(s) for the essay haystack (file, directory of .txt, or glob); None = Shakespeare."""
+    max_new_tokens: int = 32
+    """NIAH answer budget (RULER uses 128; 32 holds a UUID). Prompts are length - this, exactly."""
+    perplexity_sequences: int = 2
+    """Held-out sequences per length for perplexity."""
+    longbench_path: str | None = None
+    """LongBench data (folder of <task>.jsonl / parquet, or one file); needed for the longbench task."""
+    longbench_tasks: list[str] = field(default_factory=lambda: ["multifieldqa_en", "musique"])
+    """LongBench v1 English tasks to run."""
+    longbench_limit: int | None = None
+    """Records per LongBench task (None = all)."""
+    seed: int = 0
+    """Seed of the NIAH samples."""
+    dtype: str = "bfloat16"
+    """Weights' dtype for evaluation (bf16 runs ~2x faster than fp32 on CPUs with avx512_bf16)."""
+    original_context: int | None = None
+    """C_train; None = the DroPE config's original_max_position_embeddings."""
+    cpus_per_unit: float = 1
+    """CPUs of each unit's Ray task."""
+
+    def __post_init__(self):
+        bad = [v for v in self.variants if v not in VARIANTS]
+        if bad or not self.variants:
+            raise SpecError(f"evaluate.variants {bad or self.variants}: choose from {list(VARIANTS)}")
+        bad = [t for t in self.tasks if t not in NIAH_TASKS + OTHER_TASKS]
+        if bad or not self.tasks:
+            raise SpecError(f"evaluate.tasks {bad or self.tasks}: choose from {list(NIAH_TASKS + OTHER_TASKS)}")
+        if not self.extension_factors or any(float(s) < 1 for s in self.extension_factors):
+            raise SpecError(f"evaluate.extension_factors={self.extension_factors}: give factors >= 1, e.g. [1, 2, 4]")
+        if self.samples_per_cell < 1:
+            raise SpecError(f"evaluate.samples_per_cell={self.samples_per_cell}: must be >= 1")
+        if any(not 0 <= d <= 100 for d in self.depths):
+            raise SpecError(f"evaluate.depths={self.depths}: percentages in 0..100")
+        if self.haystack not in (None, "essay", "noise"):
+            raise SpecError(f"evaluate.haystack={self.haystack!r}: use null, 'essay' or 'noise'")
+        if self.max_new_tokens < 1:
+            raise SpecError(f"evaluate.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        if "longbench" in self.tasks and not self.longbench_path:
+            raise SpecError("evaluate.tasks has 'longbench' but evaluate.longbench_path is empty; point it at "
+                            "LongBench's data folder (jsonl or parquet), or drop the task")
+        if self.dtype not in ("float32", "bfloat16"):
+            raise SpecError(f"evaluate.dtype={self.dtype!r}: choose float32 or bfloat16")
+
+
+def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None,
+                     original_context: int, data: DataConfig | None = None) -> list[dict]:
+    """Plain, picklable unit descriptions, one per (variant, task, length) (+ crop for perplexity)."""
+    common = {"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data) if data else None,
+              "original_context": int(original_context)}
+    tasks = [t for t in cfg.tasks if t != "longbench"] + [f"longbench/{t}" for t in cfg.longbench_tasks
+                                                           if "longbench" in cfg.tasks]
+    variants = list(cfg.variants) + (["crop"] if "perplexity" in cfg.tasks and base_checkpoint else [])
+    units = []
+    for variant in variants:
+        ckpt = drope_checkpoint if variant == "drope" else base_checkpoint
+        if not ckpt:
+            raise SpecError(f"variant {variant!r} needs {'drope' if variant == 'drope' else 'base'}_checkpoint")
+        for factor in cfg.extension_factors:
+            for task in tasks:
+                if variant == "crop" and task != "perplexity":
+                    continue
+                units.append({**common, "variant": variant, "task": task, "factor": float(factor),
+                              "length": int(round(float(factor) * original_context)), "checkpoint": str(ckpt)})
+    return units
+
+
+_MODEL_CACHE: dict[tuple, tuple] = {}
+
+
+def _model_for(unit: dict):
+    """(model, tokenizer) of a unit's variant at its factor; the last one stays cached in-process."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import drope_ops  # noqa: F401  (registers model_type "drope")
+    from drope_ops import rope_scaling
+
+    variant = "rope" if unit["variant"] == "crop" else unit["variant"]
+    factor = 1.0 if unit["variant"] == "crop" else unit["factor"]
+    key = (unit["checkpoint"], variant, factor, unit["cfg"]["dtype"])
+    if key not in _MODEL_CACHE:
+        _MODEL_CACHE.clear()
+        dtype = getattr(torch, unit["cfg"]["dtype"])
+        if variant == "drope":
+            model = AutoModelForCausalLM.from_pretrained(unit["checkpoint"], dtype=dtype, use_safetensors=True).eval()
+        else:
+            model = rope_scaling.load_variant(unit["checkpoint"], variant, factor, unit["original_context"], dtype=dtype)
+        _MODEL_CACHE[key] = (model, AutoTokenizer.from_pretrained(unit["checkpoint"]))
+    return _MODEL_CACHE[key]
+
+
+def _essay_sentences(path: str | None) -> list[str]:
+    import glob
+
+    from drope_ops import assets
+    from drope_ops.evals.niah import load_essay_sentences
+
+    if path is None:
+        files = assets.shakespeare_texts()
+    elif Path(path).is_dir():
+        files = sorted(Path(path).rglob("*.txt"))
+    else:
+        files = sorted(glob.glob(str(Path(path).expanduser()))) or [path]
+    return load_essay_sentences(files)
+
+
+def run_unit(unit: dict) -> dict:
+    """Evaluate one unit; returns {"variant", "task", "factor", "length", "score", ...}."""
+    import torch
+
+    from drope_ops.evals import longbench, niah, perplexity
+
+    cfg = EvalConfig(**unit["cfg"])
+    model, tok = _model_for(unit)
+    task, length = unit["task"], unit["length"]
+    out = {k: unit[k] for k in ("variant", "task", "factor", "length")}
+    say = lambda msg: log.info("[%s] %s", unit["variant"], msg)  # noqa: E731
+    with torch.inference_mode():
+        if task in NIAH_TASKS and not _fits(task, tok, length, cfg):
+            out.update(metric="string_match_all", score=None, skipped=f"{length} tokens cannot hold the prompt frame")
+        elif task in NIAH_TASKS:
+            task_haystack = niah.TASKS[task].haystack if cfg.haystack is None else cfg.haystack
+            essay = _essay_sentences(cfg.essay_path) if task_haystack == "essay" else None
+            res = niah.evaluate_cell(model, tok, task, length, depths=cfg.depths, samples=cfg.samples_per_cell,
+                                     max_new_tokens=cfg.max_new_tokens, seed=cfg.seed, haystack=cfg.haystack,
+                                     essay_sentences=essay, progress=say)
+            out.update(metric="string_match_all", score=res["score"], by_depth=res["by_depth"], samples=res["samples"])
+        elif task == "perplexity":
+            from drope_ops.data import heldout_blocks
+
+            if unit["data"] is None:
+                raise SpecError("the perplexity task needs held-out text: pass data= (a DataConfig)")
+            blocks = heldout_blocks(DataConfig(**unit["data"]), tok, length, cfg.perplexity_sequences)
+            crop = unit["original_context"] if unit["variant"] == "crop" else None
+            res = perplexity.perplexity_point(model, blocks, crop_to=crop)
+            say(f"perplexity L={length}: {res['ppl']:.3f}")
+            out.update(metric="perplexity", score=res["ppl"], loss=res["loss"], tokens=res["tokens"])
+        else:
+            name = task.split("/", 1)[1]
+            records = longbench.load_records(cfg.longbench_path, name)
+            res = longbench.evaluate_task(model, tok, records, name, budget=length, limit=cfg.longbench_limit,
+                                          progress=say)
+            out.update(metric=longbench.METRIC[name], score=res["score"], n=res["n"])
+    return out
+
+
+def _fits(task: str, tok, length: int, cfg: EvalConfig) -> bool:
+    """Whether a NIAH prompt of `length` tokens has room for its frame and needles (short C_train)."""
+    from drope_ops.evals import niah
+
+    try:
+        niah.make_sample(task, tok, length=length, depth=0, max_new_tokens=cfg.max_new_tokens,
+                         haystack="noise" if niah.TASKS[task].haystack == "essay" else cfg.haystack)
+        return True
+    except SpecError:
+        return False
+
+
+def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None, output_dir: str,
+             data: DataConfig | None = None, metrics_sink=None) -> dict:
+    """Run every unit (Ray tasks if Ray is initialised), then write table, heatmaps and plot."""
+    from drope_ops.evals import report
+
+    C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
+    units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
+                             original_context=C, data=data)
+    log.info("evaluate: %d units (C_train = %d)", len(units), C)
+    results = _run_all(units, cfg.cpus_per_unit, metrics_sink)
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    table_json, table_md = report.write_table(results, out, notes={"original_context": C, "config": dataclasses.asdict(cfg)})
+    return {"table_json": str(table_json), "table_md": str(table_md),
+            "heatmaps": [str(p) for p in report.niah_heatmaps(results, out)],
+            "ppl_plot": (lambda p: str(p) if p else None)(report.perplexity_plot(results, out, C)),
+            "results": results}
+
+
+def _original_context(drope_checkpoint, base_checkpoint) -> int:
+    from transformers import AutoConfig
+
+    import drope_ops  # noqa: F401
+    from drope_ops.rope_scaling import original_context_of
+
+    if drope_checkpoint:
+        return int(AutoConfig.from_pretrained(drope_checkpoint).original_max_position_embeddings)
+    return original_context_of(AutoConfig.from_pretrained(base_checkpoint))
+
+
+def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict]:
+    try:
+        import ray
+
+        parallel = ray.is_initialized()
+    except ImportError:
+        parallel = False
+    results = []
+
+    def record(i, r):
+        results.append(r)
+        log.info("evaluate: %d/%d %s %s L=%d -> %s", len(results), len(units), r["variant"], r["task"],
+                 r["length"], r["score"] if r["score"] is not None else r.get("skipped"))
+        if metrics_sink is not None and r["score"] is not None:
+            metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
+
+    if parallel:
+        task = ray.remote(num_cpus=cpus_per_unit)(run_unit)
+        pending = {task.remote(u): i for i, u in enumerate(units)}
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            record(pending.pop(done[0]), ray.get(done[0]))
+    else:
+        for i, u in enumerate(units):
+            record(i, run_unit(u))
+    order = {(u["variant"], u["task"], u["length"]): i for i, u in enumerate(units)}
+    return sorted(results, key=lambda r: order[(r["variant"], r["task"], r["length"])])

@@ -1,0 +1,153 @@
+"""Stage fit_temperature: the DroPE softmax temperature for contexts longer than C_train.
+
+    drope fit-temperature CKPT OUT --factors 2 4 --sequences 4 [--data shakespeare]
+
+For each extension factor s, beta(s) minimising the held-out loss at L = s * C_train (bounded Brent,
+<= max_evals losses, drope_ops.temperature); then c in beta = 1 + c ln s by least squares. OUT is the
+same checkpoint (weights hard-linked, or copied across file systems) whose config.json carries
+logit_scale_c = c, so the model applies beta(L) by itself at any length; temperature_fit.json holds
+the per-length fits; the manifest is written last and the directory appears by one rename.
+With Ray initialised, each length is its own Ray task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from drope_ops.data import DataConfig
+from drope_ops.errors import CheckpointError, SpecError
+from drope_ops.temperature import MAX_EVALS_CAP
+
+log = logging.getLogger(__name__)
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclass
+class TemperatureConfig:
+    extension_factors: list[float] = field(default_factory=lambda: [2, 4])
+    """Target lengths as multiples s of C_train (each > 1); one beta is fitted per factor."""
+    sequences_per_length: int = 4
+    """Held-out packed sequences of length s * C_train the loss is averaged over."""
+    bounds: list[float] = field(default_factory=lambda: [0.5, 3.0])
+    """[low, high] of the logit-scale search."""
+    max_evals: int = 12
+    """Loss evaluations per length (<= 12)."""
+    dtype: str = "float32"
+    """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3) or bfloat16."""
+    cpus_per_length: float = 1
+    """CPUs of each per-length Ray task (when Ray is initialised)."""
+
+    def __post_init__(self):
+        if not self.extension_factors or any(float(s) <= 1 for s in self.extension_factors):
+            raise SpecError(f"fit_temperature.extension_factors={self.extension_factors}: give factors > 1, e.g. [2, 4]")
+        if self.sequences_per_length < 1:
+            raise SpecError(f"fit_temperature.sequences_per_length={self.sequences_per_length}: must be >= 1")
+        if len(self.bounds) != 2 or not 0 < self.bounds[0] < self.bounds[1]:
+            raise SpecError(f"fit_temperature.bounds={self.bounds}: give [low, high] with 0 < low < high, e.g. [0.5, 3.0]")
+        if not 3 <= self.max_evals <= MAX_EVALS_CAP:
+            raise SpecError(f"fit_temperature.max_evals={self.max_evals}: must be in 3..{MAX_EVALS_CAP}")
+        if self.dtype not in DTYPES:
+            raise SpecError(f"fit_temperature.dtype={self.dtype!r}: choose one of {DTYPES}")
+
+
+def load_drope(checkpoint_dir: str, dtype: str = "float32"):
+    """(model, tokenizer) of a DroPE checkpoint: safetensors only, no remote code."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import drope_ops  # noqa: F401  (registers model_type "drope")
+
+    if not (Path(checkpoint_dir) / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir}: no config.json; give a DroPE checkpoint directory")
+    cfg = AutoConfig.from_pretrained(checkpoint_dir)
+    if cfg.model_type != "drope":
+        raise CheckpointError(f"{checkpoint_dir}: model_type {cfg.model_type!r}, not 'drope'; fit the temperature "
+                              f"of a DroPE checkpoint (drope drop-rope, then recalibrate)")
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+    return model.eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
+
+
+def fit_one_length(checkpoint_dir: str, data: dict, factor: float, cfg: dict) -> dict:
+    """One target length: {"factor", "length", "beta", "loss", "evals"}. A plain function (Ray task)."""
+    import torch
+
+    from drope_ops.data import heldout_blocks
+    from drope_ops.temperature import fit_length
+
+    cfg = TemperatureConfig(**cfg)
+    model, tok = load_drope(checkpoint_dir, cfg.dtype)
+    length = int(round(factor * model.config.original_max_position_embeddings))
+    blocks = heldout_blocks(DataConfig(**data), tok, length, cfg.sequences_per_length)
+    log.info("fit_temperature: s=%s L=%d on %d held-out sequences", factor, length, len(blocks))
+    with torch.inference_mode():
+        fit = fit_length(model, blocks, tuple(cfg.bounds), cfg.max_evals,
+                         progress=lambda b, l: log.info("  s=%s beta=%.4f loss=%.5f", factor, b, l))
+    return {"factor": factor, "length": length, "beta": fit.beta, "loss": fit.loss, "evals": fit.evals}
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:  # another file system, or links not allowed
+        shutil.copy2(src, dst)
+
+
+def write_fitted_checkpoint(checkpoint_dir: str, output_dir: str, c: float, fits: list[dict]) -> Path:
+    """Same weights, config.json with logit_scale_c = c, temperature_fit.json, manifest last; atomic."""
+    from drope_ops.manifest import MANIFEST_NAME, write_manifest
+    from drope_ops.surgery import atomic_directory
+
+    src = Path(checkpoint_dir)
+    with atomic_directory(output_dir) as tmp:
+        for p in sorted(src.rglob("*")):
+            rel = p.relative_to(src)
+            if p.is_dir() or p.name in (MANIFEST_NAME, "config.json", "temperature_fit.json"):
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            _link_or_copy(p, tmp / rel)
+        config = json.loads((src / "config.json").read_text())
+        config["logit_scale_c"] = float(c)
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        (tmp / "temperature_fit.json").write_text(json.dumps({"c": c, "fits": fits}, indent=1) + "\n")
+        write_manifest(tmp)
+    return Path(output_dir)
+
+
+def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: str, output_dir: str, *,
+                    metrics_sink=None) -> dict:
+    """Fit beta per length and c; write the fitted checkpoint. Returns
+    {"output", "c", "betas": {factor: beta}, "losses": {factor: loss}, "lengths": {factor: L}}."""
+    from drope_ops.temperature import fit_c
+
+    cfg_dict, data_dict = dataclasses.asdict(cfg), dataclasses.asdict(data)
+    factors = [float(s) for s in cfg.extension_factors]
+    try:
+        import ray
+
+        parallel = ray.is_initialized()
+    except ImportError:
+        parallel = False
+    if parallel:
+        task = ray.remote(num_cpus=cfg.cpus_per_length)(fit_one_length)
+        fits = ray.get([task.remote(checkpoint_dir, data_dict, s, cfg_dict) for s in factors])
+    else:
+        fits = [fit_one_length(checkpoint_dir, data_dict, s, cfg_dict) for s in factors]
+    betas = {f["factor"]: f["beta"] for f in fits}
+    c = fit_c(betas)
+    for step, f in enumerate(fits):
+        log.info("fit_temperature: s=%g L=%d beta=%.4f loss=%.4f (%d evals)", f["factor"], f["length"],
+                 f["beta"], f["loss"], len(f["evals"]))
+        if metrics_sink is not None:
+            metrics_sink.log_metrics({"beta": f["beta"], "heldout_loss": f["loss"], "length": f["length"]}, step)
+    if metrics_sink is not None:
+        metrics_sink.log_metrics({"logit_scale_c": c}, len(fits))
+    log.info("fit_temperature: c = %.4f (paper: 0.103 SmolLM-DroPE, 0.412 from scratch)", c)
+    write_fitted_checkpoint(checkpoint_dir, output_dir, c, fits)
+    return {"output": str(output_dir), "c": c, "betas": betas,
+            "losses": {f["factor"]: f["loss"] for f in fits}, "lengths": {f["factor"]: f["length"] for f in fits}}

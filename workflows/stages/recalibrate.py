@@ -1,0 +1,444 @@
+"""Stage: recalibrate a DroPE (or any Llama-family) checkpoint at its original context length.
+
+DeepSpeed ZeRO 1/2/3 inside Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU), resumable to
+the exact step: every `checkpoint_every` steps each rank saves its DeepSpeed shard, the data position
+and its RNG states and reports them with ray.train.report; a relaunch with the same `run_name` and
+`storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. The
+end is a consolidated safetensors checkpoint (zero_to_fp32) with tokenizer and sha256 manifest.
+
+    drope recalibrate CKPT OUT --preset debug-cpu --run-name r1 --storage /tmp/ray-results
+    # Python:
+    recalibrate(RecalibrateConfig(steps=20, global_batch=8, micro_batch=2, num_workers=2),
+                DataConfig(source="shakespeare"), "ckpt/", "out/", run_name="r1", storage_path="/tmp/rr")
+
+Read top to bottom: spec + presets, schedule, DeepSpeed config, the worker loop (`train_func`),
+consolidation, and `recalibrate`, which validates everything before any worker starts.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import shutil
+import signal
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from drope_ops.data import BlockSampler, DataConfig, load_blocks, resolve_seq_len
+from drope_ops.errors import CheckpointError, DropeError, SpecError
+from drope_ops.manifest import write_manifest
+
+DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
+STATE_FILE = "train_state.json"  # step, data position, metric history (rank 0)
+PROBE_FILE = "probe_logits.pt"
+GUARD_MARK = "DROPE_GUARD: "  # prefix of a guard-rail stop raised in the workers, parsed by the driver  # final in-training logits on a fixed batch (rank 0), for the parity check
+
+
+class TrainingDivergedError(DropeError):
+    """The loss went NaN / inf or spiked; the run stopped, its last good checkpoint kept."""
+
+
+@dataclass
+class RecalibrateConfig:
+    steps: int = 20
+    """Optimizer steps in total (a resumed run counts from where it stopped)."""
+    global_batch: int = 8
+    """Sequences per optimizer step across all workers; accumulation makes up for fewer workers."""
+    micro_batch: int = 2
+    """Sequences per forward/backward on one worker."""
+    num_workers: int = 2
+    """Ray Train workers (one DeepSpeed rank each; GPUs when use_gpu)."""
+    use_gpu: bool = False
+    """GPU workers (nccl, bf16) or CPU workers (gloo, fp32)."""
+    cpus_per_worker: float = 1.0
+    """CPUs reserved per worker; also its torch thread count."""
+    zero_stage: int = 2
+    """DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    offload_optimizer: bool = False
+    """Keep optimizer states in CPU memory (ZeRO-Offload)."""
+    offload_params: bool = False
+    """Keep parameters in CPU memory (ZeRO-3 only)."""
+    lr: float = 1e-3
+    """Peak learning rate (paper: 1e-3 with QK-norm, 3e-4 without)."""
+    warmup_steps: int = 2
+    """Linear warmup from 0 to lr over this many steps."""
+    schedule: str = "cosine"
+    """"cosine" (to min_lr_ratio * lr) or "wsd" (warmup, stable, linear decay over decay_fraction)."""
+    min_lr_ratio: float = 0.1
+    """Final lr as a fraction of the peak."""
+    decay_fraction: float = 0.2
+    """wsd only: the last fraction of steps that decays linearly."""
+    betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas (paper)."""
+    weight_decay: float = 0.1
+    """AdamW weight decay on matrices (paper); none on norms and biases."""
+    grad_clip: float = 1.0
+    """Gradient norm clipping (0 disables)."""
+    activation_checkpointing: bool = False
+    """Recompute activations in backward (transformers gradient checkpointing) to save memory."""
+    checkpoint_every: int = 10
+    """Save a resumable checkpoint every N steps (and always at the last step)."""
+    keep_checkpoints: int | None = 2
+    """Checkpoints kept in storage (None keeps all)."""
+    max_failures: int = 1
+    """Ray Train restarts from the last checkpoint after a worker error, up to this many times."""
+    loss_spike_factor: float | None = 4.0
+    """Stop when a step's loss exceeds this factor times the mean of the previous 20 (None disables)."""
+    seed: int = 0
+    """Seed of torch / python RNGs in every worker (data order is DataConfig.seed)."""
+    stop_after_step: int | None = None
+    """End the run (successfully) after this step's checkpoint; relaunching the same run_name resumes."""
+    inject_nan_at_step: int | None = None
+    """Fault injection for tests: the loss of this step reads NaN."""
+    inject_kill_at_step: int | None = None
+    """Fault injection for tests: the last rank SIGKILLs itself after this step, on a fresh start only."""
+    metrics_every: int = 1
+    """Call the metrics sink every N steps (rank 0)."""
+
+    def __post_init__(self):
+        self.betas = tuple(self.betas)
+        positive = {"steps": self.steps, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
+                    "num_workers": self.num_workers, "checkpoint_every": self.checkpoint_every,
+                    "metrics_every": self.metrics_every}
+        for name, value in positive.items():
+            if not isinstance(value, int) or value < 1:
+                raise SpecError(f"recalibrate.{name}={value!r} must be a positive integer")
+        if self.global_batch % (self.num_workers * self.micro_batch):
+            raise SpecError(f"recalibrate.global_batch={self.global_batch} is not divisible by num_workers * "
+                            f"micro_batch = {self.num_workers * self.micro_batch}; pick a multiple of it")
+        if not self.lr > 0:
+            raise SpecError(f"recalibrate.lr={self.lr} must be > 0 (paper: 1e-3 with QK-norm)")
+        if self.zero_stage not in (1, 2, 3):
+            raise SpecError(f"recalibrate.zero_stage={self.zero_stage} must be 1, 2 or 3")
+        if self.offload_params and self.zero_stage != 3:
+            raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
+        if self.schedule not in ("cosine", "wsd"):
+            raise SpecError(f"recalibrate.schedule={self.schedule!r} must be 'cosine' or 'wsd'")
+        if not 0 <= self.warmup_steps < self.steps:
+            raise SpecError(f"recalibrate.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
+            raise SpecError("recalibrate.min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+        if self.cpus_per_worker <= 0 or self.grad_clip < 0 or self.max_failures < -1:
+            raise SpecError("recalibrate: cpus_per_worker must be > 0, grad_clip >= 0, max_failures >= -1")
+        if self.loss_spike_factor is not None and self.loss_spike_factor <= 1:
+            raise SpecError(f"recalibrate.loss_spike_factor={self.loss_spike_factor} must be > 1 or null")
+        if self.stop_after_step is not None and not 0 < self.stop_after_step < self.steps:
+            raise SpecError(f"recalibrate.stop_after_step={self.stop_after_step} must be in (0, steps)")
+
+    @property
+    def grad_accum(self) -> int:
+        return self.global_batch // (self.num_workers * self.micro_batch)
+
+
+# Presets: the paper's recalibration settings (seq = the model's pretraining context), and CPU-sized
+# ones for this kind of machine. Paper: AdamW lr 1e-3 with QK-norm, betas (0.9, 0.95), wd 0.1,
+# warmup 490, cosine, batch 512 sequences, bf16, fineweb-edu; 20B tokens for SmolLM-1.7B / Llama-2-7B.
+_PAPER = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=490, schedule="cosine",
+              global_batch=512, use_gpu=True, checkpoint_every=500, max_failures=3)
+_FINEWEB = "hf://HuggingFaceFW/fineweb-edu:sample-10BT"
+PRESETS: dict[str, tuple[dict, dict]] = {
+    # name: (RecalibrateConfig fields, DataConfig fields); steps = tokens / (512 * seq_len)
+    "smollm-135m": ({**_PAPER, "steps": 19_074, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
+                    {"source": _FINEWEB, "seq_len": 2048}),  # 20B tokens
+    "smollm-360m": ({**_PAPER, "steps": 57_220, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
+                    {"source": _FINEWEB, "seq_len": 2048}),  # 60B tokens (paper: 30-120B)
+    "smollm-1.7b": ({**_PAPER, "steps": 19_074, "micro_batch": 8, "num_workers": 8, "zero_stage": 2},
+                    {"source": _FINEWEB, "seq_len": 2048}),  # 20B tokens
+    "smollm2-135m": ({**_PAPER, "steps": 19_074, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
+                     {"source": _FINEWEB, "seq_len": 2048}),
+    "llama-2-7b": ({**_PAPER, "lr": 3e-4, "warmup_steps": 1000, "steps": 9_537, "micro_batch": 2,
+                    "num_workers": 32, "zero_stage": 3},  # lr 3e-4 + 100 warmup was reported unstable
+                   {"source": _FINEWEB, "seq_len": 4096}),  # 20B tokens
+    # CPU: SmolLM2-135M at 2048 on 2 workers, tens of steps (about 20 s a step per worker here).
+    "smollm2-135m-cpu": ({"steps": 20, "global_batch": 2, "micro_batch": 1, "num_workers": 2, "zero_stage": 2,
+                          "lr": 1e-4, "warmup_steps": 2, "checkpoint_every": 5},
+                         {"source": "shakespeare", "seq_len": 2048, "max_tokens": 2_000_000}),
+    # The tiny debug model: seconds a step.
+    "debug-cpu": ({"steps": 20, "global_batch": 8, "micro_batch": 2, "num_workers": 2, "zero_stage": 2,
+                   "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 10},
+                  {"source": "shakespeare", "seq_len": 128, "max_tokens": 400_000}),
+}
+
+
+def preset(name: str, **overrides) -> tuple[RecalibrateConfig, DataConfig]:
+    """(RecalibrateConfig, DataConfig) of a named preset; overrides go to RecalibrateConfig."""
+    if name not in PRESETS:
+        raise SpecError(f"unknown recalibration preset {name!r}; choose one of {sorted(PRESETS)}")
+    train, data = PRESETS[name]
+    return RecalibrateConfig(**{**train, **overrides}), DataConfig(**data)
+
+
+def lr_at(cfg: RecalibrateConfig, step: int) -> float:
+    """Learning rate of 0-based optimizer step `step`: linear warmup, then cosine or warmup-stable-decay."""
+    if step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    floor = cfg.lr * cfg.min_lr_ratio
+    if cfg.schedule == "wsd":
+        decay_start = cfg.steps - max(1, round(cfg.decay_fraction * cfg.steps))
+        if step < decay_start:
+            return cfg.lr
+        return cfg.lr - (cfg.lr - floor) * (step - decay_start + 1) / (cfg.steps - decay_start)
+    progress = (step - cfg.warmup_steps + 1) / max(1, cfg.steps - cfg.warmup_steps)
+    return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
+
+
+def deepspeed_config(cfg: RecalibrateConfig, world_size: int) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    return {
+        "train_batch_size": cfg.global_batch,
+        "train_micro_batch_size_per_gpu": cfg.micro_batch,
+        "gradient_accumulation_steps": cfg.global_batch // (world_size * cfg.micro_batch),
+        "gradient_clipping": cfg.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": cfg.use_gpu},  # fp32 on CPU: exact resume, and gloo has no bf16 reduce
+        "zero_allow_untested_optimizer": True,  # our client torch AdamW (no cpu_adam JIT build)
+        "zero_force_ds_cpu_optimizer": False,
+        "checkpoint": {"use_node_local_storage": True},  # each node writes its own part; Ray merges
+        "steps_per_print": 10**9,
+    }
+
+
+class PrintMetrics:
+    """Default metrics sink: one log line per call."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        print(f"[recalibrate] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+
+
+def _optimizer(model, cfg: RecalibrateConfig) -> torch.optim.Optimizer:
+    decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+
+
+def train_func(config: dict) -> None:
+    """One Ray Train worker = one DeepSpeed rank. `config` holds plain dicts (picklable)."""
+    import deepspeed
+    import ray.train
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import drope_ops  # noqa: F401  (registers the drope model type in this worker process)
+
+    cfg, data = RecalibrateConfig(**config["cfg"]), DataConfig(**config["data"])
+    seq_len, ckpt_dir, sink = config["seq_len"], config["checkpoint_dir"], config["metrics_sink"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
+    model.config.use_cache = False
+    if cfg.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sampler = BlockSampler(load_blocks(data, tokenizer, seq_len), global_batch=cfg.global_batch,
+                           rank=rank, world=world, seed=data.seed)
+    probe = sampler.blocks[:2]  # fixed batch for the consolidated-vs-in-training logits check
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
+                                                   config=deepspeed_config(cfg, world))
+
+    # Resume: DeepSpeed state (weights, optimizer, step counters), data position, RNG, history.
+    start, history, restored = 0, [], ray.train.get_checkpoint()
+    if restored:
+        with restored.as_directory() as d:
+            engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
+            state = json.loads((Path(d) / STATE_FILE).read_text())
+            sampler.load_state_dict(state["data"])
+            start, history = state["step"], state["history"]
+            rng = torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True)
+            torch.set_rng_state(rng["torch"])
+            random.setstate((rng["python_version"], tuple(rng["python_state"]), None))
+
+    device = engine.device
+    tokens_per_step = cfg.global_batch * seq_len
+    for step in range(start, cfg.steps):
+        done = step + 1
+        t0 = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        loss_sum = torch.zeros((), device=device)
+        batch = sampler.next_batch().to(device)  # (global_batch / world, seq_len)
+        for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
+            loss = engine(input_ids=micro, labels=micro).loss
+            engine.backward(loss)
+            engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+            loss_sum += loss.detach()
+        loss = loss_sum / cfg.grad_accum
+        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG if cfg.use_gpu else
+                                     torch.distributed.ReduceOp.SUM)
+        loss = loss.item() / (1 if cfg.use_gpu else world)  # gloo has no AVG
+        if cfg.inject_nan_at_step == done:
+            loss = float("nan")
+        grad_norm = engine.get_global_grad_norm()
+        metrics = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(grad_norm or 0.0),
+                   "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+                   "tokens_seen": float(done * tokens_per_step), "step": done}
+
+        # Guard rails: identical on every rank (the loss is all-reduced), so all stop together.
+        recent = [h["loss"] for h in history[-20:]]
+        problem = None
+        if not math.isfinite(loss):
+            problem = f"loss is {loss} at step {done}"
+        elif cfg.loss_spike_factor and len(recent) >= 5 and loss > cfg.loss_spike_factor * sum(recent) / len(recent):
+            problem = (f"loss spiked to {loss:.4g} at step {done}, above {cfg.loss_spike_factor} x the running "
+                       f"mean {sum(recent) / len(recent):.4g}")
+        if problem:  # no checkpoint of this step; Ray's retries (if any) replay from the last good one
+            raise RuntimeError(f"{GUARD_MARK}{problem}")
+
+        history.append(metrics)
+        if rank == 0 and done % cfg.metrics_every == 0:
+            sink.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
+        if cfg.inject_kill_at_step == done and restored is None and rank == world - 1:
+            os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, mid-run, before any later save
+
+        last = done == cfg.steps or done == cfg.stop_after_step
+        if done % cfg.checkpoint_every == 0 or last:
+            with tempfile.TemporaryDirectory(prefix=f"recal-r{rank}-") as d:
+                if done == cfg.steps:  # final logits of the model as trained, for the parity check
+                    engine.eval()
+                    with torch.no_grad():
+                        logits = engine(input_ids=probe.to(device)).logits.float().cpu()
+                    engine.train()
+                    if rank == 0:
+                        torch.save({"input_ids": probe, "logits": logits}, Path(d) / PROBE_FILE)
+                engine.save_checkpoint(d, tag=DS_TAG)
+                version, state, _ = random.getstate()
+                torch.save({"torch": torch.get_rng_state(), "python_version": version,
+                            "python_state": list(state)}, Path(d) / f"rng_rank{rank}.pt")
+                if rank == 0:
+                    (Path(d) / STATE_FILE).write_text(json.dumps(
+                        {"step": done, "data": sampler.state_dict(), "history": history}))
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                                 checkpoint_dir_name=f"checkpoint_step_{done:06d}")
+        if done == cfg.stop_after_step:
+            return
+
+
+def consolidate(checkpoint_path: str, source_checkpoint: str, output_dir: str) -> float | None:
+    """ZeRO checkpoint -> safetensors checkpoint + tokenizer + manifest at output_dir, atomically.
+
+    Returns the max |logit difference| between the written model and the in-training model on the
+    probe batch (None if the checkpoint carries no probe).
+    """
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_path, tag=DS_TAG)
+    config = AutoConfig.from_pretrained(source_checkpoint)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"the ZeRO checkpoint at {checkpoint_path} does not match {source_checkpoint}: "
+                              f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + ".tmp-recalibrate")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source_checkpoint).save_pretrained(tmp)
+    write_manifest(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+    probe_file = Path(checkpoint_path) / PROBE_FILE
+    if not probe_file.exists():
+        return None
+    probe = torch.load(probe_file, weights_only=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ours = reloaded(input_ids=probe["input_ids"]).logits
+    return float((ours - probe["logits"]).abs().max())
+
+
+def _storage(storage_path: str):
+    """(storage_path, pyarrow filesystem or None). s3:// against a custom endpoint (moto, MinIO) needs
+    an explicit S3FileSystem with endpoint_override, taken from AWS_ENDPOINT_URL(_S3)."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not storage_path.startswith("s3://") or not endpoint:
+        return storage_path, None
+    import pyarrow.fs
+
+    scheme = "http" if endpoint.startswith("http://") else "https"
+    fs = pyarrow.fs.S3FileSystem(endpoint_override=endpoint.split("://", 1)[-1], scheme=scheme,
+                                 region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+    return storage_path[len("s3://"):], fs
+
+
+def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str) -> int:
+    """Check the spec against the model before any worker starts; returns the block length."""
+    from transformers import AutoConfig
+
+    import drope_ops  # noqa: F401
+
+    if not (Path(checkpoint_dir) / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint_dir} has no config.json; give a local checkpoint directory "
+                              f"(fetch it first with `drope fetch`)")
+    seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(checkpoint_dir))
+    return seq_len
+
+
+def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, output_dir: str, *,
+                run_name: str, storage_path: str, metrics_sink=None) -> dict:
+    """Train `checkpoint_dir` on `data` with DeepSpeed ZeRO on Ray Train; write output_dir.
+
+    Returns {"output", "steps", "final_loss", "history", "checkpoint", "probe_max_abs_diff"}.
+    Raises SpecError / CheckpointError before any worker starts, TrainingDivergedError on a NaN or a
+    loss spike (the last good checkpoint stays in storage, a relaunch resumes from it).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    seq_len = validate(cfg, data, checkpoint_dir)
+    if not ray.is_initialized():
+        ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    path, filesystem = _storage(storage_path)
+    trainer = TorchTrainer(
+        train_func,
+        train_loop_config={"cfg": asdict(cfg), "data": asdict(data), "seq_len": seq_len,
+                           "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
+                           "metrics_sink": metrics_sink or PrintMetrics()},
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+    )
+    try:
+        result = trainer.fit()
+    except Exception as e:  # Ray wraps worker errors; a guard-rail stop becomes one line naming the step
+        found = re.search(re.escape(GUARD_MARK) + r"(.*?at step (\d+)[^\n]*)", str(e))
+        if not found:
+            raise
+        good = (int(found.group(2)) - 1) // cfg.checkpoint_every * cfg.checkpoint_every
+        where = f"{storage_path}/{run_name}/checkpoint_step_{good:06d}" if good else "none yet"
+        raise TrainingDivergedError(f"recalibration stopped: {found.group(1)}; last good checkpoint: {where}; "
+                                    f"lower recalibrate.lr or raise warmup_steps, then relaunch") from None
+    if result.checkpoint is None:
+        raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
+    with result.checkpoint.as_directory() as d:
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no consolidated output
+            return {"output": None, "steps": state["step"], "final_loss": state["history"][-1]["loss"],
+                    "history": state["history"], "checkpoint": result.checkpoint.path}
+        diff = consolidate(d, checkpoint_dir, output_dir)
+    return {"output": str(output_dir), "steps": state["step"], "final_loss": state["history"][-1]["loss"],
+            "history": state["history"], "checkpoint": result.checkpoint.path, "probe_max_abs_diff": diff}
