@@ -1,0 +1,357 @@
+"""drop_rope: the streaming checkpoint transform from a RoPE Llama-family checkpoint to a DroPE one.
+
+    drope drop-rope SRC DST [--qk-norm qk|q|none] [--qk-norm-scope full|head]
+                            [--nope-every N | --keep-rope-layers 0,4,8] [--original-context 2048]
+
+What changes (paper Section 5 / C.1): the config becomes model_type "drope" (which layers keep RoPE,
+QK-norm kind and scope, logit scale 1.0, the original context C_train, the source's name and sha256),
+and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so each shard is
+rewritten at the byte level: a new safetensors header, the source's data block copied by the kernel
+(copy_file_range, as `cp` does), the new norm tensors appended. Peak memory is one hashing buffer
+(16 MiB, <= one shard), source and output are sha256-hashed on the way (one read of the source),
+and DST appears atomically (temporary sibling, then rename) with its manifest written last.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from drope_ops.errors import CheckpointError
+from drope_ops.manifest import build_manifest, manifest_digest, read_manifest, write_manifest
+from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES, DropeConfig
+
+# model_type -> q/k/v carry a bias (Qwen2); every type here is pre-norm Llama layout with RoPE.
+ROPE_LLAMA_TYPES = {"llama": False, "qwen2": True}
+NO_ROPE_TYPES = ("gpt2", "gpt_neo", "gptj", "opt", "bloom", "mpt", "falcon", "bert", "gpt_bigcode")
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+TOKENIZER_GLOBS = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "vocab.*",
+                   "merges.txt", "generation_config.json", "chat_template*")
+INDEX_NAME = "model.safetensors.index.json"
+# Config keys of Qwen2 / GGUF loading that mean nothing to a DroPE model.
+_DROPPED_KEYS = ("architectures", "auto_map", "quantization_config", "use_sliding_window",
+                 "sliding_window", "max_window_layers", "layer_types", "_name_or_path")
+
+
+def rope_llama_problem(config: dict) -> str | None:
+    """Why a config.json dict is not a RoPE Llama-family model DroPE can start from (None = it is)."""
+    model_type = config.get("model_type")
+    if model_type == "drope":
+        return (f"already a DroPE checkpoint (rope_layers={config.get('rope_layers')}): there is no "
+                f"RoPE left to drop; start from the original RoPE checkpoint")
+    if model_type in NO_ROPE_TYPES or "n_positions" in config:
+        return (f"model_type {model_type!r} uses absolute position embeddings, not RoPE: there is no "
+                f"RoPE to drop; DroPE applies to Llama-family RoPE models ({', '.join(ROPE_LLAMA_TYPES)})")
+    if model_type not in ROPE_LLAMA_TYPES:
+        return (f"model_type {model_type!r} is not a supported Llama-family RoPE model; supported: "
+                f"{', '.join(ROPE_LLAMA_TYPES)}")
+    if config.get("mlp_bias") or config.get("pretraining_tp", 1) != 1:
+        return "mlp_bias / pretraining_tp != 1 are not supported by the DroPE model; use a plain Llama checkpoint"
+    return None
+
+
+def is_rope_llama(config: dict) -> bool:
+    """True when a config.json dict describes a RoPE Llama-family model (llama, qwen2)."""
+    return rope_llama_problem(config) is None
+
+
+def read_config(src: str | os.PathLike) -> dict:
+    path = Path(src) / "config.json"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: missing config.json; a Hugging Face checkpoint directory needs one")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}); fix or re-download it")
+
+
+def weight_files(src: str | os.PathLike) -> tuple[list[Path], dict | None]:
+    """The checkpoint's safetensors files (in order) and its index (None for a single file).
+
+    Raises:
+        CheckpointError: no weights, or only pickle weights (never loaded: they can run code).
+    """
+    src = Path(src)
+    index_path = src / INDEX_NAME
+    if index_path.is_file():
+        index = json.loads(index_path.read_text())
+        names = sorted(set(index["weight_map"].values()))
+        missing = [n for n in names if not (src / n).is_file()]
+        if missing:
+            raise CheckpointError(f"{src}: {INDEX_NAME} names {missing[0]} which is missing; re-download the checkpoint")
+        return [src / n for n in names], index
+    files = sorted(src.glob("*.safetensors"))
+    if len(files) == 1:
+        return files, None
+    if len(files) > 1:
+        raise CheckpointError(f"{src}: {len(files)} safetensors files but no {INDEX_NAME}; add the index")
+    pickles = sorted(p.name for p in src.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise CheckpointError(f"{src}: only pickle weights ({pickles[0]}); pickles can run code and are refused: "
+                              f"convert to safetensors first (save_pretrained(..., safe_serialization=True))")
+    raise CheckpointError(f"{src}: no *.safetensors weights found; point SRC at a checkpoint directory")
+
+
+def layers_keeping_rope(num_layers: int, rope_layers=None, nope_every=None) -> list[int]:
+    """Indices of layers that keep RoPE: explicit, SmolLM3-style (every Nth layer NoPE), or none."""
+    if rope_layers is not None and nope_every is not None:
+        raise CheckpointError("give either rope_layers (--keep-rope-layers) or nope_every (--nope-every), not both")
+    if nope_every is not None:
+        if int(nope_every) < 1:
+            raise CheckpointError(f"nope_every={nope_every}: must be >= 1 (1 = every layer NoPE)")
+        return [i for i in range(num_layers) if (i + 1) % int(nope_every) != 0]
+    layers = sorted({int(i) for i in (rope_layers or [])})
+    bad = [i for i in layers if not 0 <= i < num_layers]
+    if bad:
+        raise CheckpointError(f"rope_layers: layer {bad[0]} out of range; the model has layers 0..{num_layers - 1}")
+    return layers
+
+
+def drope_config(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_layers: list[int],
+                 original_context: int | None, source_model: str, source_sha256: str) -> DropeConfig:
+    """The DroPE config for a RoPE Llama-family config dict (validated by constructing it)."""
+    if qk_norm not in QK_NORM_CHOICES:
+        raise CheckpointError(f"qk_norm={qk_norm!r}: choose one of {', '.join(QK_NORM_CHOICES)}")
+    if qk_norm_scope not in QK_NORM_SCOPES:
+        raise CheckpointError(f"qk_norm_scope={qk_norm_scope!r}: choose one of {', '.join(QK_NORM_SCOPES)}")
+    fields = {k: v for k, v in src_config.items() if k not in _DROPPED_KEYS and k != "model_type"}
+    context = original_context or src_config.get("max_position_embeddings")
+    if not context or int(context) < 1:
+        raise CheckpointError("original_context: the source config has no max_position_embeddings; pass --original-context")
+    fields.update(
+        rope_layers=rope_layers, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, logit_scale=1.0,
+        logit_scale_c=None, original_max_position_embeddings=int(context),
+        qkv_bias=ROPE_LLAMA_TYPES[src_config["model_type"]], source_model=source_model,
+        source_sha256=source_sha256, architectures=["DropeForCausalLM"],
+    )
+    try:
+        return DropeConfig(**fields)
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({str(e).splitlines()[0]})")
+
+
+def norm_tensors(config: DropeConfig, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """q_norm / k_norm weights of ones for one layer: full width (H*D) or per head (D)."""
+    head_dim = config.head_dim
+    full = config.qk_norm_scope == "full"
+    prefix = f"model.layers.{layer}.self_attn"
+    out = {}
+    if config.qk_norm in ("qk", "q"):
+        out[f"{prefix}.q_norm.weight"] = torch.ones(config.num_attention_heads * head_dim if full else head_dim, dtype=dtype)
+    if config.qk_norm == "qk":
+        out[f"{prefix}.k_norm.weight"] = torch.ones(config.num_key_value_heads * head_dim if full else head_dim, dtype=dtype)
+    return out
+
+
+# --- safetensors at the byte level: 8-byte little-endian header size N, N bytes of JSON header
+# {name: {dtype, shape, data_offsets: [begin, end]}} padded to 8 bytes, then the data block.
+_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
+COPY_CHUNK = 16 << 20  # bytes per read: the surgery's whole working set
+
+
+def read_header(path: Path) -> tuple[dict, int]:
+    """A safetensors file's header dict and where its data block starts."""
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        size = int.from_bytes(raw, "little") if len(raw) == 8 else -1
+        if not 0 < size < (100 << 20):
+            raise CheckpointError(f"{path}: not a safetensors file (bad header); re-download or re-save it")
+        try:
+            return json.loads(f.read(size)), 8 + size
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CheckpointError(f"{path}: corrupt safetensors header; re-download or re-save it")
+
+
+def torch_dtype(name: str, key: str) -> torch.dtype:
+    if name not in _ST_DTYPES:
+        raise CheckpointError(f"{key}: dtype {name} is not a float type; dequantize to F32/F16/BF16 first")
+    return _ST_DTYPES[name]
+
+
+def _new_header(header: dict, added: dict[str, torch.Tensor]) -> tuple[bytes, int, bytes]:
+    """(new header bytes incl. size prefix, source data length, appended tensor bytes)."""
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    new, blobs, offset = dict(header), [], data_len
+    new.setdefault("__metadata__", {"format": "pt"})
+    for name, t in added.items():
+        blob = t.contiguous().view(torch.uint8).numpy().tobytes()
+        new[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blobs.append(blob)
+        offset += len(blob)
+    text = json.dumps(new, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)  # data block 8-byte aligned, as safetensors writes it
+    return len(text).to_bytes(8, "little") + text, data_len, b"".join(blobs)
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
+    """Copy count bytes between file offsets in the kernel (copy_file_range, what `cp` uses: no trip
+    through user space), falling back to pread/pwrite where the kernel or filesystem refuses."""
+    try:
+        while count:
+            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_off, dst_off)
+            if n == 0:
+                raise CheckpointError(f"source ended early while copying (fd {src_fd}); re-download it")
+            src_off, dst_off, count = src_off + n, dst_off + n, count - n
+    except (OSError, AttributeError):  # EXDEV / ENOSYS / EINVAL, or no copy_file_range on this OS
+        while count:
+            data = os.pread(src_fd, min(count, COPY_CHUNK), src_off)
+            if not data:
+                raise CheckpointError(f"source ended early while copying (fd {src_fd}); re-download it")
+            os.pwrite(dst_fd, data, dst_off)
+            src_off, dst_off, count = src_off + len(data), dst_off + len(data), count - len(data)
+
+
+def rewrite_shards(files: list[Path], out_dir: Path, additions: dict[Path, dict[str, torch.Tensor]], *,
+                   progress: bool = True, desc: str = "rewrite") -> tuple[dict[str, str], dict[str, str]]:
+    """Copy each shard to out_dir with its added tensors; return (source sha256s, output sha256s).
+
+    Per shard: new header, then the data block copied by the kernel in a thread, then the appended
+    tensors. Meanwhile the main thread reads the source once through one COPY_CHUNK buffer and two
+    threads hash it into the source digest and the output digest (the output's data block is the
+    source's, byte for byte; hashlib releases the GIL), so hashing costs no extra pass over the output.
+    """
+    src_hashes, out_hashes = {}, {}
+    total = sum(f.stat().st_size for f in files)
+    buf = memoryview(bytearray(min(COPY_CHUNK, max(f.stat().st_size for f in files))))
+    with ThreadPoolExecutor(3) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+                                             disable=not progress) as bar:
+        for f in files:
+            header, start = read_header(f)
+            head, data_len, extra = _new_header(header, additions.get(f, {}))
+            if f.stat().st_size != start + data_len:
+                raise CheckpointError(f"{f}: size does not match its header (truncated?); re-download it")
+            h_src, h_out = hashlib.sha256(), hashlib.sha256()
+            with open(f, "rb", buffering=0) as fi, open(out_dir / f.name, "wb", buffering=0) as fo:
+                os.pwrite(fo.fileno(), head, 0)
+                copy = pool.submit(_copy_range, fi.fileno(), fo.fileno(), start, len(head), data_len)
+                h_src.update(os.pread(fi.fileno(), start, 0))
+                h_out.update(head)
+                offset, end = start, start + data_len
+                while offset < end:
+                    n = os.preadv(fi.fileno(), [buf[: min(len(buf), end - offset)]], offset)
+                    if not n:
+                        raise CheckpointError(f"{f}: ended early while hashing; re-download it")
+                    part = buf[:n]
+                    jobs = [pool.submit(h_src.update, part), pool.submit(h_out.update, part)]
+                    for job in jobs:
+                        job.result()
+                    offset += n
+                    bar.update(n)
+                copy.result()
+                os.pwrite(fo.fileno(), extra, len(head) + data_len)
+                h_out.update(extra)
+            src_hashes[f.name], out_hashes[f.name] = h_src.hexdigest(), h_out.hexdigest()
+            bar.update(start)
+    return src_hashes, out_hashes
+
+
+@contextlib.contextmanager
+def atomic_directory(dst: str | os.PathLike):
+    """Yield a temporary sibling of dst; rename it to dst on success, remove it on failure."""
+    dst = Path(dst)
+    if dst.is_file() or (dst.is_dir() and any(dst.iterdir())):
+        raise CheckpointError(f"{dst}: already exists; choose a new destination or remove it first")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+        if dst.is_dir():
+            dst.rmdir()  # empty (checked above)
+        os.rename(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
+    copied = []
+    for pattern in TOKENIZER_GLOBS:
+        for p in sorted(src.glob(pattern)):
+            if p.is_file() and not (dst / p.name).exists():
+                shutil.copy2(p, dst / p.name)
+                copied.append(p.name)
+    return copied
+
+
+def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rope_layers=None,
+              nope_every: int | None = None, original_context: int | None = None,
+              source_name: str | None = None, progress: bool = True) -> Path:
+    """Write a DroPE checkpoint at dst from the RoPE Llama-family checkpoint at src.
+
+    Args:
+        qk_norm: "qk" (paper), "q" (queries only) or "none".
+        qk_norm_scope: "full" (RMSNorm over H*D, paper) or "head" (per head, Qwen3).
+        rope_layers: layers that keep RoPE (default none: every layer NoPE).
+        nope_every: SmolLM3-style alternative: every Nth layer NoPE, the others keep RoPE.
+        original_context: C_train recorded in the config (default: the source's max_position_embeddings;
+            SmolLM2-135M was pretrained at 2048 before its extension to 8192).
+        source_name: provenance name (default: the source config's _name_or_path or directory name).
+
+    Raises:
+        CheckpointError: missing config, not a RoPE Llama model, already DroPE, pickle-only weights,
+            layer index out of range, dst exists, or source files that do not match their manifest.
+    """
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise CheckpointError(f"{src}: not a directory; SRC must be a Hugging Face checkpoint directory")
+    src_config = read_config(src)
+    problem = rope_llama_problem(src_config)
+    if problem:
+        raise CheckpointError(f"{src}: {problem}")
+    files, index = weight_files(src)
+    layers = layers_keeping_rope(src_config["num_hidden_layers"], rope_layers, nope_every)
+    probe = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
+                         original_context=original_context, source_model="", source_sha256="")
+
+    # Which shard holds each layer's q_proj: its norms go into the same shard.
+    headers = {f: read_header(f) for f in files}
+    additions: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
+    for layer in range(probe.num_hidden_layers):
+        key = f"model.layers.{layer}.self_attn.q_proj.weight"
+        home = next((f for f in files if key in headers[f][0]), None)
+        if home is None:
+            raise CheckpointError(f"{src}: weights lack {key}; not a Llama-layout checkpoint")
+        norms = norm_tensors(probe, layer, torch_dtype(headers[home][0][key]["dtype"], key))
+        clash = [k for k in norms if any(k in h for h, _ in headers.values())]
+        if clash:
+            raise CheckpointError(f"{src}: already has {clash[0]}; start from a checkpoint without QK-norm")
+        additions[home].update(norms)
+
+    source_manifest = read_manifest(src)
+    with atomic_directory(dst) as tmp:
+        src_hashes, out_hashes = rewrite_shards(
+            files, tmp, additions, progress=progress, desc=f"drop-rope {src.name}")
+        if source_manifest is not None:
+            bad = [f.name for f in files if source_manifest["files"].get(f.name, {}).get("sha256") != src_hashes[f.name]]
+            if bad:
+                raise CheckpointError(f"{src / bad[0]}: does not match the source's drope-manifest.json; "
+                                      f"the source is corrupt or changed: fetch it again")
+            digest = manifest_digest(source_manifest)
+        else:
+            digest = manifest_digest(build_manifest(src, src_hashes))
+        name = source_name or src_config.get("_name_or_path") or src.name
+        config = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
+                              original_context=original_context, source_model=str(name), source_sha256=digest)
+        config.to_json_file(tmp / "config.json", use_diff=False)
+        if index is not None:
+            weight_map = dict(index["weight_map"])
+            for f, added in additions.items():
+                weight_map.update({k: f.name for k in added})
+            added_bytes = sum(t.numel() * t.element_size() for a in additions.values() for t in a.values())
+            meta = dict(index.get("metadata") or {})
+            meta["total_size"] = int(meta.get("total_size", 0)) + added_bytes
+            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
+        copy_tokenizer_files(src, tmp)
+        write_manifest(tmp, out_hashes)
+    return dst
