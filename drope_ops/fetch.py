@@ -1,0 +1,244 @@
+"""The fetch stage's library: bring a base checkpoint from anywhere to the run's storage, safely.
+
+    fetch("hf://HuggingFaceTB/SmolLM2-135M@main", "s3://bucket/runs/r1/base")
+    fetch("s3://bucket/models/llama", "/data/ckpt/llama")     # resumes after a kill
+    fetch("/models/SmolLM2-135M-Instruct.Q4_1.gguf", "/data/ckpt/smollm2")
+
+Sources: `hf://ORG/NAME[@REVISION]` (huggingface_hub snapshot download: HF_ENDPOINT, HF_TOKEN,
+HF_HUB_OFFLINE and the HF cache are honoured), `s3://BUCKET/PREFIX` holding a drope manifest, a
+local checkpoint directory, or a `.gguf` file. Destinations: a local directory or `s3://...`.
+The destination gets only config, tokenizer and safetensors files (see checkpoint_policy), a sha256
+manifest with the source URI, and is complete or absent (drope_ops.transfer).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from drope_ops import checkpoint_policy as policy
+from drope_ops import manifest as mf
+from drope_ops import storage, transfer
+from drope_ops.errors import CheckpointError, StorageError
+
+log = logging.getLogger("drope.fetch")
+
+_SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+@dataclass
+class FetchResult:
+    dest: str
+    """Where the checkpoint now is (local directory or s3:// prefix), with its manifest."""
+    files_transferred: int
+    """Files this call wrote; 0 when the destination was already complete."""
+    bytes_transferred: int
+    """Bytes this call moved: downloaded from a remote source plus written to the destination."""
+    manifest_digest: str
+    """sha256 naming the fetched checkpoint (drope_ops.manifest.manifest_digest)."""
+
+
+def parse_source(source: str) -> tuple[str, str, str | None]:
+    """(kind, location, revision): kind is hf | s3 | gguf | local. Raises on an unknown scheme."""
+    scheme = _SCHEME.match(source)
+    if scheme and scheme.group(1) not in ("hf", "s3"):
+        raise CheckpointError(f"unknown source scheme {scheme.group(1)!r}:// in {source!r}; use "
+                              f"hf://ORG/NAME[@REVISION], s3://BUCKET/PREFIX, a local directory or a .gguf file")
+    if source.startswith("hf://"):
+        repo, _, rev = source[len("hf://"):].partition("@")
+        if repo.count("/") != 1 or not all(repo.split("/")):
+            raise CheckpointError(f"{source!r} is not hf://ORG/NAME[@REVISION]")
+        return "hf", repo, rev or None
+    if source.startswith("s3://"):
+        storage.split_s3(source)
+        return "s3", source.rstrip("/"), None
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise CheckpointError(f"source {source} does not exist; give hf://ORG/NAME, s3://BUCKET/PREFIX, "
+                              f"a checkpoint directory or a .gguf file")
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise CheckpointError(f"source {source} is a file but not a .gguf; give a checkpoint directory")
+        return "gguf", str(path), None
+    return "local", str(path), None
+
+
+def check_rope_llama_config(config: dict, where: str) -> None:
+    """Raise CheckpointError unless `config` is a RoPE Llama-family model that DroPE can start from.
+
+    The rule is surgery's (drope_ops.surgery.rope_llama_problem), so fetch refuses exactly what
+    drop-rope would refuse later, before any weights move.
+    """
+    from drope_ops.surgery import rope_llama_problem
+
+    problem = rope_llama_problem(config)
+    rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+    factor = rope.get("factor") if isinstance(rope, dict) else None
+    if problem is None and isinstance(factor, (int, float)) and factor >= 1e20:
+        problem = f"rope_parameters factor {factor:g} rotates by nothing (a NoPE layout); fetch the RoPE original"
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+
+
+def _check_dest(dest: str) -> None:
+    scheme = _SCHEME.match(dest)
+    if scheme and scheme.group(1) != "s3":
+        raise StorageError(f"unknown destination scheme {scheme.group(1)!r}:// in {dest!r}; use a local "
+                           f"directory or s3://BUCKET/PREFIX")
+
+
+def _complete_from(dest: str, source: str) -> str | None:
+    """Digest of a destination that already holds a complete fetch of `source`, else None."""
+    have = storage.read_checkpoint_manifest(dest)
+    if have is None or have.get("source") != source:
+        return None
+    ok = storage.checkpoint_complete(dest) if storage.is_s3(dest) else not mf.verify_manifest(dest, have)
+    return mf.manifest_digest(have) if ok else None
+
+
+def fetch(source: str, dest: str, *, allow_pickle: bool = False, allow_code: bool = False,
+          progress: bool = True) -> FetchResult:
+    """Fetch a base checkpoint from `source` into `dest` (local directory or s3://).
+
+    Raises:
+        CheckpointError: unknown scheme, no manifest, pickle-only weights without allow_pickle, not a
+            RoPE Llama-family config, checksum mismatch after one retry.
+        StorageError: bucket / repo / revision missing, no access, offline with nothing cached, disk full.
+    """
+    kind, where, rev = parse_source(source)
+    dest = str(dest)
+    _check_dest(dest)
+    if kind != "hf" and (digest := _complete_from(dest, source)):
+        log.info("%s already holds %s: nothing to transfer", dest, source)
+        return FetchResult(dest, 0, 0, digest)
+    opts = dict(allow_pickle=allow_pickle, allow_code=allow_code)
+    if kind == "s3":
+        return _fetch_s3(source, dest, progress, opts)
+    with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
+        work = Path(work)
+        hub_hashes: dict[str, str] = {}
+        if kind == "hf":
+            root = _hf_snapshot(source, where, rev, opts)
+            hub_hashes = _hub_sha256(root)
+        elif kind == "gguf":
+            root = _import_gguf(Path(where), work / "gguf")
+        else:
+            root = Path(where)
+        files, manifest = _prepare(root, source, work, hub_hashes, opts)
+        stats = transfer.publish(files, manifest, dest, progress=progress)
+    return FetchResult(dest, stats.files, stats.bytes, mf.manifest_digest(manifest))
+
+
+def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult:
+    src_manifest = storage.read_checkpoint_manifest(source)
+    if src_manifest is None:
+        raise CheckpointError(f"{source} has no {mf.MANIFEST_NAME}: it is incomplete or not a drope "
+                              f"checkpoint; upload it with `drope fetch LOCAL_DIR {source}`")
+    names = policy.select_files(list(src_manifest["files"]), where=source, **opts)
+    configs = {n: json.loads(storage.read_bytes(storage.join(source, n)))
+               for n in ("config.json", "tokenizer_config.json") if n in names}
+    check_rope_llama_config(configs["config.json"], source)  # before moving any weights
+    transform = any(policy._matches(n, policy.PICKLE_WEIGHTS) for n in names) or (
+        not opts["allow_code"] and any("auto_map" in c for c in configs.values()))
+    wanted = {"format": src_manifest.get("format", "drope-manifest/1"), "source": source,
+              "files": {n: src_manifest["files"][n] for n in names}}
+    if not storage.is_s3(dest) and not transform:  # straight into dest's staging dir, resumable
+        stats = transfer.download_checkpoint(source, wanted, Path(dest), progress=progress)
+        return FetchResult(dest, stats.files, stats.bytes, mf.manifest_digest(wanted))
+    # via a local cache keyed by the source, so an interrupted call resumes there too
+    cache = Path(os.environ.get("DROPE_CACHE", Path.home() / ".cache" / "drope")) / "fetch" / \
+        hashlib.sha256(source.encode()).hexdigest()[:16]
+    old = mf.read_manifest(cache) if cache.is_dir() else None
+    if old is not None and mf.manifest_digest(old) != mf.manifest_digest(wanted):
+        storage.remove_tree(cache)  # our cache of an older version of this source
+    got = transfer.download_checkpoint(source, wanted, cache, progress=progress)
+    with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
+        files, manifest = _prepare(cache, source, Path(work), {}, opts)
+        put = transfer.publish(files, manifest, dest, progress=progress)
+    storage.remove_tree(cache)
+    return FetchResult(dest, put.files, got.bytes + put.bytes, mf.manifest_digest(manifest))
+
+
+def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
+             opts: dict) -> tuple[dict[str, Path], dict]:
+    """Apply the safety policy to a local checkpoint dir: (name -> file to publish, its manifest)."""
+    names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and ".cache" not in p.relative_to(root).parts)
+    own = mf.read_manifest(root)
+    if own is not None:  # a drope checkpoint: verify it against its own manifest first
+        expected = {**{k: v["sha256"] for k, v in own["files"].items()}, **expected}
+    names = policy.select_files(names, where=source, **opts)
+    files = {n: root / n for n in names}
+    config = json.loads(files["config.json"].read_text())
+    check_rope_llama_config(config, source)
+    if not opts["allow_code"]:
+        for name in ("config.json", "tokenizer_config.json"):
+            if name in files:
+                data = json.loads(files[name].read_text())
+                if policy.strip_auto_map(data, f"{source}/{name}"):
+                    (work / name).write_text(json.dumps(data, indent=2))
+                    files[name] = work / name
+                    expected.pop(name, None)
+    pickles = [n for n in names if policy._matches(n, policy.PICKLE_WEIGHTS)]
+    if pickles:
+        for n in pickles:
+            del files[n]
+        files.update(policy.convert_pickles(root, pickles, work / "converted"))
+    table = {}
+    for name, path in sorted(files.items()):
+        digest = mf.sha256_file(path)
+        if name in expected and expected[name] != digest:
+            raise CheckpointError(f"{source}/{name} does not match its recorded sha256 (corrupt or "
+                                  f"half-written); delete it and fetch again")
+        table[name] = {"sha256": digest, "size": path.stat().st_size}
+    return files, {"format": "drope-manifest/1", "source": source, "files": table}
+
+
+def _hf_snapshot(source: str, repo_id: str, revision: str | None, opts: dict) -> Path:
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import errors as hf
+
+    try:
+        return Path(snapshot_download(repo_id, revision=revision,
+                                      allow_patterns=policy.allow_patterns(**opts)))
+    except hf.GatedRepoError:
+        raise StorageError(f"{source} is gated: accept its terms on the hub and set HF_TOKEN") from None
+    except hf.RevisionNotFoundError:
+        raise StorageError(f"revision {revision!r} not found in hub repo {repo_id}; check the @REVISION") from None
+    except hf.RepositoryNotFoundError:
+        raise StorageError(f"hub repo {repo_id} not found (or private without HF_TOKEN); check the name") from None
+    except (hf.LocalEntryNotFoundError, hf.IncompleteSnapshotError):
+        raise StorageError(f"{source} is not (completely) in the local Hugging Face cache "
+                           f"({constants.HF_HUB_CACHE}) and the hub cannot be reached; unset HF_HUB_OFFLINE "
+                           f"and connect, or point HF_HUB_CACHE at a cache that has it") from None
+    except hf.HfHubHTTPError as e:
+        status = getattr(getattr(e, "response", None), "status_code", "?")
+        raise StorageError(f"hub error for {source} (HTTP {status}); check HF_ENDPOINT and HF_TOKEN") from None
+    except OSError as e:
+        raise storage.disk_error(e, constants.HF_HUB_CACHE) from None
+
+
+def _hub_sha256(snapshot: Path) -> dict[str, str]:
+    """The hub's sha256 of each LFS file: its blob in the HF cache is named by it."""
+    out = {}
+    for p in snapshot.rglob("*"):
+        blob = os.path.basename(os.path.realpath(p))
+        if p.is_file() and _SHA256.match(blob):
+            out[p.relative_to(snapshot).as_posix()] = blob
+    return out
+
+
+def _import_gguf(gguf_file: Path, out: Path) -> Path:
+    try:
+        from drope_ops.gguf import import_gguf
+    except ImportError:
+        raise CheckpointError("GGUF import is not available in this installation (drope_ops.gguf)") from None
+    import_gguf(gguf_file, out)
+    return out
