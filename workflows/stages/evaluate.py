@@ -18,6 +18,7 @@ the base model fed at most C_train tokens (sliding windows), the paper's Figure 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,7 @@ def _model_for(unit: dict):
     return _MODEL_CACHE[key]
 
 
+@functools.lru_cache(maxsize=2)
 def _essay_sentences(path: str | None) -> list[str]:
     import glob
 
