@@ -27,12 +27,18 @@ RUNTIME_ENV_FILE = Path(__file__).resolve().parent.parent / "cluster" / "runtime
 
 
 def check_address(address: str) -> None:
+    """Fail fast when no Ray dashboard answers at `address` (a 401/403 from a token-auth head answers)."""
     try:
         with urllib.request.urlopen(address.rstrip("/") + "/api/version", timeout=5):
             return
+    except urllib.error.HTTPError as e:
+        if e.code in (401, 403):  # Ray token auth is on: the head is there, JobSubmissionClient sends the token
+            return
+        reason = f"HTTP {e.code}"
     except (urllib.error.URLError, OSError, ValueError) as e:
-        raise DropeError(f"--address {address}: no Ray dashboard answers there ({getattr(e, 'reason', e)}); "
-                         "start one (cluster/local-up.sh) or give http://HEAD:8265 of a running cluster") from None
+        reason = getattr(e, "reason", e)
+    raise DropeError(f"--address {address}: no Ray dashboard answers there ({reason}); "
+                     "start one (cluster/local-up.sh) or give http://HEAD:8265 of a running cluster")
 
 
 def _runtime_env(run_uri: str) -> dict:

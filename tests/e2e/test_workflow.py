@@ -19,7 +19,8 @@ STAGES = ["fetch", "drop_rope", "recalibrate", "fit_temperature", "evaluate"]
 @pytest.fixture
 def env(tmp_path, mlflow_server):
     e = {**os.environ, "DROPE_HOME": str(tmp_path / "home"), "MLFLOW_TRACKING_URI": mlflow_server,
-         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+         "RAY_AUTH_MODE": "disabled"}
     e.pop("RAY_ADDRESS", None)
     return e
 
