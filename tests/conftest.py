@@ -14,6 +14,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 pytest_plugins = [
     "tests.fixtures.models",
     "tests.fixtures.services",
+    "tests.fixtures.ray_cluster",
     "tests.fixtures.workflow_services",
 ]
 

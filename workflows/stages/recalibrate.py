@@ -31,12 +31,12 @@ from pathlib import Path
 
 import torch
 
-from drope_ops.data import BlockSampler, DataConfig, load_blocks, resolve_seq_len
+from drope_ops.data import DataConfig, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.manifest import write_manifest
 
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
-STATE_FILE = "train_state.json"  # step, data position, metric history (rank 0)
+STATE_FILE = "train_state.json"  # step and metric history (rank 0); data_rank{r}.json: each rank's data position
 PROBE_FILE = "probe_logits.pt"
 GUARD_MARK = "DROPE_GUARD: "  # prefix of a guard-rail stop raised in the workers, parsed by the driver  # final in-training logits on a fixed batch (rank 0), for the parity check
 
@@ -98,7 +98,8 @@ class RecalibrateConfig:
     inject_nan_at_step: int | None = None
     """Fault injection for tests: the loss of this step reads NaN."""
     inject_kill_at_step: int | None = None
-    """Fault injection for tests: the last rank SIGKILLs itself after this step, on a fresh start only."""
+    """Fault injection for tests: the last rank SIGKILLs itself after this step, once per run name
+    (a marker file in the node's temp dir stops the restarted worker from doing it again)."""
     metrics_every: int = 1
     """Call the metrics sink every N steps (rank 0)."""
 
@@ -231,6 +232,10 @@ def train_func(config: dict) -> None:
 
     import drope_ops  # noqa: F401  (registers the drope model type in this worker process)
 
+    if not config["cfg"].get("use_gpu"):
+        # DeepSpeed's CPU shared-memory all-reduce is a C++ op JIT-compiled at init (30 s to minutes, and
+        # recompiled whenever two processes disagree on its flags); gloo's all-reduce does the same job.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     cfg, data = RecalibrateConfig(**config["cfg"]), DataConfig(**config["data"])
     seq_len, ckpt_dir, sink = config["seq_len"], config["checkpoint_dir"], config["metrics_sink"]
     ctx = ray.train.get_context()
@@ -244,9 +249,7 @@ def train_func(config: dict) -> None:
     model.config.use_cache = False
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sampler = BlockSampler(load_blocks(data, tokenizer, seq_len), global_batch=cfg.global_batch,
-                           rank=rank, world=world, seed=data.seed)
-    probe = sampler.blocks[:2]  # fixed batch for the consolidated-vs-in-training logits check
+    sampler = make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
                                                    config=deepspeed_config(cfg, world))
 
@@ -256,7 +259,11 @@ def train_func(config: dict) -> None:
         with restored.as_directory() as d:
             engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
             state = json.loads((Path(d) / STATE_FILE).read_text())
-            sampler.load_state_dict(state["data"])
+            data_file = Path(d) / f"data_rank{rank}.json"
+            if not data_file.exists():
+                raise SpecError(f"checkpoint {restored.path} has no data position for rank {rank}; relaunch with "
+                                f"the num_workers it was written with, or start a new run_name")
+            sampler.load_state_dict(json.loads(data_file.read_text()))
             start, history = state["step"], state["history"]
             rng = torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True)
             torch.set_rng_state(rng["torch"])
@@ -301,13 +308,17 @@ def train_func(config: dict) -> None:
         history.append(metrics)
         if rank == 0 and done % cfg.metrics_every == 0:
             sink.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-        if cfg.inject_kill_at_step == done and restored is None and rank == world - 1:
-            os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, mid-run, before any later save
+        if cfg.inject_kill_at_step == done and rank == world - 1:
+            marker = Path(tempfile.gettempdir()) / f"drope-injected-kill-{config['run_name']}-{done}"
+            if not marker.exists():
+                marker.touch()
+                os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, mid-run, before any later save
 
         last = done == cfg.steps or done == cfg.stop_after_step
         if done % cfg.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory(prefix=f"recal-r{rank}-") as d:
                 if done == cfg.steps:  # final logits of the model as trained, for the parity check
+                    probe = micro[:2].cpu()  # any fixed input will do: the last micro batch
                     engine.eval()
                     with torch.no_grad():
                         logits = engine(input_ids=probe.to(device)).logits.float().cpu()
@@ -318,9 +329,9 @@ def train_func(config: dict) -> None:
                 version, state, _ = random.getstate()
                 torch.save({"torch": torch.get_rng_state(), "python_version": version,
                             "python_state": list(state)}, Path(d) / f"rng_rank{rank}.pt")
+                (Path(d) / f"data_rank{rank}.json").write_text(json.dumps(sampler.state_dict()))
                 if rank == 0:
-                    (Path(d) / STATE_FILE).write_text(json.dumps(
-                        {"step": done, "data": sampler.state_dict(), "history": history}))
+                    (Path(d) / STATE_FILE).write_text(json.dumps({"step": done, "history": history}))
                 ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"checkpoint_step_{done:06d}")
         if done == cfg.stop_after_step:
@@ -413,7 +424,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
         train_func,
         train_loop_config={"cfg": asdict(cfg), "data": asdict(data), "seq_len": seq_len,
                            "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
-                           "metrics_sink": metrics_sink or PrintMetrics()},
+                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
