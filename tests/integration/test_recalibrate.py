@@ -163,19 +163,20 @@ def test_two_nodes_with_s3_storage_completes_and_resumes(reference, s3_bucket, r
 
 def test_schedules_presets_and_cli_spec_building(tmp_path):
     from workflows.commands.recalibrate import build_configs
-    from workflows.stages.recalibrate import PRESETS, lr_at, preset
+    from workflows.spec import preset_names
+    from workflows.stages.recalibrate import lr_at, preset, preset_sections
 
     cos = RecalibrateConfig(**{**BASE, "steps": 10, "warmup_steps": 2, "lr": 1.0, "min_lr_ratio": 0.1})
     assert [lr_at(cos, s) for s in (0, 1)] == [0.5, 1.0] and lr_at(cos, 9) == pytest.approx(0.1)
     wsd = RecalibrateConfig(**{**BASE, "steps": 10, "warmup_steps": 2, "lr": 1.0, "schedule": "wsd",
                                "decay_fraction": 0.2, "min_lr_ratio": 0.0})
     assert [lr_at(wsd, s) for s in range(2, 10)] == [1.0] * 6 + [0.5, 0.0]
-    seqs = {name: data["seq_len"] for name, (_, data) in PRESETS.items()}
+    seqs = {name: preset_sections(name)[1].get("seq_len") for name in preset_names()}
     assert seqs["llama-2-7b"] == 4096 and seqs["smollm-360m"] == 2048 and seqs["smollm2-135m-cpu"] == 2048
     train, _ = preset("smollm-360m")
     assert (train.lr, train.betas, train.weight_decay, train.global_batch) == (1e-3, (0.9, 0.95), 0.1, 512)
     (tmp_path / "r.yaml").write_text("recalibrate: {steps: 7}\ndata: {seq_len: 32}\n")
-    cfg, data = build_configs("debug-cpu", str(tmp_path / "r.yaml"), ["recalibrate.zero_stage=3"])
+    cfg, data = build_configs("debug", str(tmp_path / "r.yaml"), ["recalibrate.zero_stage=3"])
     assert (cfg.steps, cfg.zero_stage, data.seq_len, data.source) == (7, 3, 32, "shakespeare")
-    with pytest.raises(SpecError, match=r"recalibrate\.global_batch=6"):
-        build_configs("debug-cpu", None, ["recalibrate.global_batch=6"])
+    with pytest.raises(SpecError, match=r"recalibrate\.global_batch=3"):
+        build_configs("debug", None, ["recalibrate.global_batch=3"])

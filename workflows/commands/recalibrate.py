@@ -1,6 +1,6 @@
 """`drope recalibrate`: run the recalibration stage alone, from a preset, a YAML file and/or flags.
 
-    drope recalibrate CKPT OUT --preset debug-cpu --run-name r1 --storage /tmp/ray-results
+    drope recalibrate CKPT OUT --preset debug --run-name r1 --storage /tmp/ray-results
     drope recalibrate CKPT OUT --config recal.yaml --set recalibrate.steps=40 --set data.seq_len=128
     drope recalibrate --presets                    # list the presets
 
@@ -39,13 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 def build_configs(preset_name: str | None, config_file: str | None, overrides: list[str]):
     """(RecalibrateConfig, DataConfig) from a preset, then a YAML file, then --set overrides."""
     from drope_ops.data import DataConfig
-    from workflows.stages.recalibrate import PRESETS, RecalibrateConfig
+    from workflows.stages.recalibrate import RecalibrateConfig, preset_sections
 
     tree: dict = {"recalibrate": {}, "data": {}}
     if preset_name:
-        if preset_name not in PRESETS:
-            raise SpecError(f"--preset {preset_name!r} is unknown; choose one of {sorted(PRESETS)}")
-        tree["recalibrate"], tree["data"] = dict(PRESETS[preset_name][0]), dict(PRESETS[preset_name][1])
+        tree["recalibrate"], tree["data"] = preset_sections(preset_name)
     if config_file:
         try:
             loaded = yaml.safe_load(Path(config_file).read_text()) or {}
@@ -73,14 +71,16 @@ def build_configs(preset_name: str | None, config_file: str | None, overrides: l
 def main_recalibrate(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.presets:
-        from workflows.stages.recalibrate import PRESETS
+        from workflows.spec import preset_names
+        from workflows.stages.recalibrate import preset
 
-        for name, (train, data) in PRESETS.items():
-            print(f"{name:18s} steps={train['steps']} batch={train['global_batch']} seq={data.get('seq_len')} "
-                  f"workers={train['num_workers']} zero={train['zero_stage']} data={data['source']}")
+        for name in preset_names():
+            train, data = preset(name)
+            print(f"{name:18s} steps={train.steps} batch={train.global_batch} seq={data.seq_len} "
+                  f"workers={train.num_workers} zero={train.zero_stage} data={data.source}")
         return 0
     if not args.checkpoint or not args.output:
-        raise SpecError("give CHECKPOINT and OUTPUT directories, e.g. drope recalibrate ckpt/ out/ --preset debug-cpu")
+        raise SpecError("give CHECKPOINT and OUTPUT directories, e.g. drope recalibrate ckpt/ out/ --preset debug")
     cfg, data = build_configs(args.preset, args.config, args.set)
     from workflows.stages.recalibrate import recalibrate
 

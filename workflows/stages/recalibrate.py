@@ -6,7 +6,7 @@ and its RNG states and reports them with ray.train.report; a relaunch with the s
 `storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. The
 end is a consolidated safetensors checkpoint (zero_to_fp32) with tokenizer and sha256 manifest.
 
-    drope recalibrate CKPT OUT --preset debug-cpu --run-name r1 --storage /tmp/ray-results
+    drope recalibrate CKPT OUT --preset debug --run-name r1 --storage /tmp/ray-results
     # Python:
     recalibrate(RecalibrateConfig(steps=20, global_batch=8, micro_batch=2, num_workers=2),
                 DataConfig(source="shakespeare"), "ckpt/", "out/", run_name="r1", storage_path="/tmp/rr")
@@ -138,41 +138,20 @@ class RecalibrateConfig:
         return self.global_batch // (self.num_workers * self.micro_batch)
 
 
-# Presets: the paper's recalibration settings (seq = the model's pretraining context), and CPU-sized
-# ones for this kind of machine. Paper: AdamW lr 1e-3 with QK-norm, betas (0.9, 0.95), wd 0.1,
-# warmup 490, cosine, batch 512 sequences, bf16, fineweb-edu; 20B tokens for SmolLM-1.7B / Llama-2-7B.
-_PAPER = dict(lr=1e-3, betas=(0.9, 0.95), weight_decay=0.1, warmup_steps=490, schedule="cosine",
-              global_batch=512, use_gpu=True, checkpoint_every=500, max_failures=3)
-_FINEWEB = "hf://HuggingFaceFW/fineweb-edu:sample-10BT"
-PRESETS: dict[str, tuple[dict, dict]] = {
-    # name: (RecalibrateConfig fields, DataConfig fields); steps = tokens / (512 * seq_len)
-    "smollm-135m": ({**_PAPER, "steps": 19_074, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
-                    {"source": _FINEWEB, "seq_len": 2048}),  # 20B tokens
-    "smollm-360m": ({**_PAPER, "steps": 57_220, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
-                    {"source": _FINEWEB, "seq_len": 2048}),  # 60B tokens (paper: 30-120B)
-    "smollm-1.7b": ({**_PAPER, "steps": 19_074, "micro_batch": 8, "num_workers": 8, "zero_stage": 2},
-                    {"source": _FINEWEB, "seq_len": 2048}),  # 20B tokens
-    "smollm2-135m": ({**_PAPER, "steps": 19_074, "micro_batch": 16, "num_workers": 8, "zero_stage": 1},
-                     {"source": _FINEWEB, "seq_len": 2048}),
-    "llama-2-7b": ({**_PAPER, "lr": 3e-4, "warmup_steps": 1000, "steps": 9_537, "micro_batch": 2,
-                    "num_workers": 32, "zero_stage": 3},  # lr 3e-4 + 100 warmup was reported unstable
-                   {"source": _FINEWEB, "seq_len": 4096}),  # 20B tokens
-    # CPU: SmolLM2-135M at 2048 on 2 workers, tens of steps (about 20 s a step per worker here).
-    "smollm2-135m-cpu": ({"steps": 20, "global_batch": 2, "micro_batch": 1, "num_workers": 2, "zero_stage": 2,
-                          "lr": 1e-4, "warmup_steps": 2, "checkpoint_every": 5},
-                         {"source": "shakespeare", "seq_len": 2048, "max_tokens": 2_000_000}),
-    # The tiny debug model: seconds a step.
-    "debug-cpu": ({"steps": 20, "global_batch": 8, "micro_batch": 2, "num_workers": 2, "zero_stage": 2,
-                   "lr": 3e-3, "warmup_steps": 2, "checkpoint_every": 10},
-                  {"source": "shakespeare", "seq_len": 128, "max_tokens": 400_000}),
-}
+def preset_sections(name: str) -> tuple[dict, dict]:
+    """The `recalibrate` and `data` sections of workflow preset `name` (workflows/presets/<name>.yaml):
+    the paper's settings live there once, for the workflow and for `drope recalibrate --preset`."""
+    from workflows.spec import load_tree, preset_names
+
+    if name not in preset_names():
+        raise SpecError(f"unknown preset {name!r}; choose one of {preset_names()}")
+    tree = load_tree(name)
+    return dict(tree.get("recalibrate") or {}), dict(tree.get("data") or {})
 
 
 def preset(name: str, **overrides) -> tuple[RecalibrateConfig, DataConfig]:
     """(RecalibrateConfig, DataConfig) of a named preset; overrides go to RecalibrateConfig."""
-    if name not in PRESETS:
-        raise SpecError(f"unknown recalibration preset {name!r}; choose one of {sorted(PRESETS)}")
-    train, data = PRESETS[name]
+    train, data = preset_sections(name)
     return RecalibrateConfig(**{**train, **overrides}), DataConfig(**data)
 
 
