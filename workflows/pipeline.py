@@ -11,13 +11,14 @@ runs (again). Ctrl-C / SIGTERM mark the running stage and its MLflow runs KILLED
 from __future__ import annotations
 
 import logging
+import re
 import signal
 import time
 from pathlib import Path
 
 import yaml
 
-from drope_ops import storage
+from drope_ops import errors, storage
 from drope_ops.errors import DropeError
 from workflows import stages as stage_fns
 from workflows.ledger import FAILED, KILLED, RUNNING, SUCCEEDED, Ledger, fingerprint
@@ -83,6 +84,11 @@ def _unwrap(e: BaseException) -> BaseException:
     cause = getattr(e, "cause", None)
     if isinstance(cause, DropeError):
         return cause
+    # Ray Train reports a worker's DropeError only as traceback text: recover its one line
+    found = re.findall(r"drope_ops\.errors\.(\w+Error): ([^\n]+)", str(e))
+    cls = getattr(errors, found[-1][0], None) if found else None
+    if isinstance(cls, type) and issubclass(cls, DropeError):
+        return cls(found[-1][1].strip())
     return e
 
 

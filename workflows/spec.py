@@ -42,6 +42,11 @@ class ModelSpec:
     def __post_init__(self):
         if self.original_context is not None and self.original_context <= 0:
             raise SpecError(f"model.original_context={self.original_context}: must be a positive token count")
+        if self.source.startswith("asset:"):  # fail before a run is created, not in the fetch stage
+            from workflows.stages.fetch import ASSETS
+
+            if self.source not in ASSETS:
+                raise SpecError(f"model.source {self.source!r}: unknown asset; known: {', '.join(ASSETS)}")
 
 
 @dataclass
@@ -146,6 +151,12 @@ def _field_types(cls) -> dict[str, typing.Any]:
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
+def _number_type(tp) -> type | None:
+    """int or float for fields typed int / float / (int | None) / (float | None), else None."""
+    args = set(typing.get_args(tp)) - {type(None)} if typing.get_args(tp) else {tp}
+    return next(iter(args)) if len(args) == 1 and next(iter(args)) in (int, float) else None
+
+
 def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass `cls` from a plain dict; unknown keys are refused with the closest known name."""
     data = dict(data or {})
@@ -163,6 +174,13 @@ def from_dict(cls, data: dict | None, where: str = ""):
             value = from_dict(tp, value, f"{where}{name}.")
         elif dataclasses.is_dataclass(tp) and value is not None:
             raise SpecError(f"spec field {where}{name} must be a mapping, got {value!r}")
+        elif isinstance(value, str) and _number_type(tp):
+            # YAML 1.1 reads 1e-3 (no dot) as a string: convert, or name the field
+            try:
+                value = _number_type(tp)(value)
+            except ValueError:
+                raise SpecError(f"spec field {where}{name}={value!r}: must be a number, e.g. "
+                                f"{where}{name}={'1e-3' if _number_type(tp) is float else '10'}") from None
         kwargs[name] = value
     try:
         return cls(**kwargs)

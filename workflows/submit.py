@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import shlex
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -23,6 +24,7 @@ from workflows.ledger import Ledger
 # Non-secret environment the driver on the cluster needs to find the same services as the submitter.
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
               "HF_ENDPOINT", "HF_HUB_OFFLINE", "DROPE_CACHE")
+AGENT_WAIT_S = 120
 RUNTIME_ENV_FILE = Path(__file__).resolve().parent.parent / "cluster" / "runtime-env.yaml"
 
 
@@ -63,12 +65,21 @@ def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
     submission_id = f"drope-{run_id}-a{n}"
     root = run_uri[: -len(run_id)].rstrip("/") or "."
     client = JobSubmissionClient(address)
-    client.submit_job(
-        entrypoint=f"drope resume {shlex.quote(run_id)} --storage {shlex.quote(root)}",
-        submission_id=submission_id,
-        runtime_env=_runtime_env(run_uri),
-        metadata={"drope_run_id": run_id, "attempt": str(n)},
-    )
+    deadline = time.monotonic() + AGENT_WAIT_S
+    while True:
+        try:
+            client.submit_job(
+                entrypoint=f"drope resume {shlex.quote(run_id)} --storage {shlex.quote(root)}",
+                submission_id=submission_id,
+                runtime_env=_runtime_env(run_uri),
+                metadata={"drope_run_id": run_id, "attempt": str(n)},
+            )
+            break
+        except RuntimeError as e:
+            # a head that just started answers before its job agent is up: wait for it, briefly
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise DropeError(f"--address {address}: the Ray cluster refused the job ({e})") from None
+            time.sleep(2)
     run.update(submissions=n, submission_id=submission_id, address=address)
     ledger.write_run(run)
     from workflows.commands.workflow import _remember

@@ -1,21 +1,27 @@
 """Bad input never hurts: each case goes through the real CLI and must end in ONE error line naming
 the field or file and the fix, a non-zero exit, the ledger and MLflow runs FAILED (none RUNNING), and
-no half-written checkpoint. (NaN loss mid-recalibration: tests/e2e/test_workflow.py.)"""
+no half-written checkpoint. (NaN loss mid-recalibration: tests/e2e/test_workflow.py.)
+
+Cost: spec cases are refused in a second in-process; stage cases in-process share one local Ray;
+the SUBPROCESS cases pay a fresh interpreter (and a Ray start) each, as a user's shell does."""
 
 import json
 import os
 import shutil
+from types import SimpleNamespace
 from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from drope_ops.manifest import write_manifest
+from tests.fixtures.services import s3_env_vars
 from tests.fixtures.workflow_services import VENV_BIN, run_drope
+from workflows.cli import main as cli_main
 
 
 @pytest.fixture(scope="module")
-def bad_checkpoints(tmp_path_factory, debug_checkpoint):
+def bad_checkpoints(tmp_path_factory, debug_checkpoint, moto_server):
     """Broken copies of the tiny debug checkpoint, one per way a user's checkpoint can be wrong."""
     root = tmp_path_factory.mktemp("bad")
     out = {}
@@ -54,15 +60,58 @@ def bad_checkpoints(tmp_path_factory, debug_checkpoint):
     unknown_field = root / "unknown-field.yaml"
     unknown_field.write_text("extends: debug\nname: debug\nrecalibrate: {stepz: 3}\n")
     out["unknown_field"] = unknown_field
+    wrong_column = root / "corpus.jsonl"  # rows carry "body", the spec asks for "content"
+    wrong_column.write_text("".join(json.dumps({"body": "to be or not to be " * 40}) + "\n" for _ in range(20)))
+    out["wrong_column"] = wrong_column
+    import boto3  # an S3 prefix with a checkpoint's files but no drope-manifest.json
+
+    s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
+                      **{k.lower(): v for k, v in s3_env_vars(moto_server).items() if k.startswith("AWS_") and "KEY" in k})
+    bucket = "drope-bad-inputs"
+    s3.create_bucket(Bucket=bucket)
+    for p in debug_checkpoint.iterdir():
+        if p.is_file() and p.name != "drope-manifest.json":
+            s3.upload_file(str(p), bucket, f"models/no-manifest/{p.name}")
+    out["s3_no_manifest"] = f"s3://{bucket}/models/no-manifest"
     return out
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory, mlflow_server):
+def env(tmp_path_factory, mlflow_server, moto_server):
     e = {**os.environ, "DROPE_HOME": str(tmp_path_factory.mktemp("home")), "MLFLOW_TRACKING_URI": mlflow_server,
-         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1"}
+         "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+         **s3_env_vars(moto_server)}  # S3 cases talk to moto, never to AWS
     e.pop("RAY_ADDRESS", None)
     return e
+
+
+# A representative handful runs as real subprocesses (`python -m workflows.cli`); the rest call the
+# same entry point, workflows.cli.main, in this process (the same code path, seconds instead of a
+# fresh interpreter each).
+SUBPROCESS = {"unknown-preset", "zero-steps", "mlflow-unreachable", "ray-nothing-listening", "resume-unknown-run",
+              "gpt2-architecture"}
+
+
+@pytest.fixture(scope="module")
+def inproc_ray():
+    """In-process stage cases share the one local Ray the first of them starts; stopped at the end."""
+    yield
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def drope(case, argv, env, monkeypatch, capsys, timeout=300):
+    if case in SUBPROCESS:
+        return run_drope(argv, env, timeout=timeout)
+    for k in ("DROPE_HOME", "MLFLOW_TRACKING_URI", "HF_HUB_OFFLINE", *s3_env_vars("x")):
+        monkeypatch.setenv(k, env[k])
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    capsys.readouterr()
+    rc = cli_main(list(argv))
+    out = capsys.readouterr()
+    return SimpleNamespace(returncode=rc, stdout=out.out, stderr=out.err)
 
 
 # (id, argv builder, words the one error line must contain, does a run get created?)
@@ -86,6 +135,17 @@ SPEC_CASES = [
     ("resume-unknown-run", lambda b: ["resume", "no-such-run-42"], ["no-such-run-42"]),
     ("status-unknown-run", lambda b: ["status", "no-such-run-42"], ["no-such-run-42"]),
     ("unknown-asset", lambda b: ["run", "debug", "--set", "model.source=asset:gpt-5"], ["asset:gpt-5"]),
+    # more that users plausibly get wrong
+    ("spec-file-missing", lambda b: ["run", "no-such-spec.yaml"], ["no-such-spec.yaml", "preset"]),
+    ("lr-negative", lambda b: ["run", "debug", "--set", "recalibrate.lr=-1e-3"], ["recalibrate.lr", "> 0"]),
+    ("steps-not-a-number", lambda b: ["run", "debug", "--set", "recalibrate.steps=ten"],
+     ["recalibrate.steps", "number"]),
+    ("qk-norm-typo", lambda b: ["run", "debug", "--set", "drop_rope.qk_norm=both"], ["drop_rope.qk_norm", "qk"]),
+    ("negative-context", lambda b: ["run", "debug", "--set", "model.original_context=-1"],
+     ["model.original_context"]),
+    ("set-unknown-section", lambda b: ["run", "debug", "--set", "recalibrat.steps=3"], ["recalibrat"]),
+    ("plan-unknown-field", lambda b: ["plan", "debug", "--set", "data.seqlen=64"], ["seqlen"]),
+    ("lineage-unknown-run", lambda b: ["lineage", "no-such-run-42"], ["no-such-run-42"]),
 ]
 
 # These pass spec validation, so a run starts and the failing stage must be recorded as FAILED.
@@ -98,6 +158,14 @@ STAGE_CASES = [
     ("seq-len-above-context", lambda b: ["--set", "data.seq_len=4096"], "recalibrate", ["seq_len"]),
     ("missing-data-file", lambda b: ["--set", "data.source=/nonexistent/corpus.txt"], "recalibrate",
      ["/nonexistent/corpus.txt"]),
+    ("missing-gguf", lambda b: ["--set", "model.source=/nonexistent/model.Q4_1.gguf"], "fetch",
+     ["/nonexistent/model.Q4_1.gguf"]),
+    ("s3-prefix-without-manifest", lambda b: ["--set", f"model.source={b['s3_no_manifest']}"], "fetch",
+     ["s3://drope-bad-inputs/models/no-manifest"]),
+    ("hf-source-offline", lambda b: ["--set", "model.source=hf://HuggingFaceTB/SmolLM2-135M"], "fetch",
+     ["HuggingFaceTB/SmolLM2-135M"]),
+    ("data-text-field-missing", lambda b: ["--set", f"data.source={b['wrong_column']}", "--set",
+                                           "data.text_field=content"], "recalibrate", ["data.text_field"]),
 ]
 
 
@@ -110,9 +178,9 @@ def one_error_line(proc, command: str) -> str:
 
 
 @pytest.mark.parametrize("case, argv, words", SPEC_CASES, ids=[c[0] for c in SPEC_CASES])
-def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env):
+def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env, monkeypatch, capsys):
     runs_before = set(Path(env["DROPE_HOME"]).glob("runs/*"))
-    proc = run_drope(argv(bad_checkpoints), env, timeout=300)
+    proc = drope(case, argv(bad_checkpoints), env, monkeypatch, capsys)
     line = one_error_line(proc, argv(bad_checkpoints)[0])
     for w in words:
         assert w in line, line
@@ -120,13 +188,15 @@ def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env):
 
 
 @pytest.mark.parametrize("case, extra, stage, words", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])
-def test_failing_stage_is_recorded(case, extra, stage, words, bad_checkpoints, env, mlflow_server):
+def test_failing_stage_is_recorded(case, extra, stage, words, bad_checkpoints, env, mlflow_server, inproc_ray,
+                                   monkeypatch, capsys):
     run_id = f"bad-{case}"
-    proc = run_drope(["run", "debug", "--run-id", run_id, *extra(bad_checkpoints)], env, timeout=600)
+    proc = drope(case, ["run", "debug", "--run-id", run_id, *extra(bad_checkpoints)], env, monkeypatch, capsys,
+                 timeout=600)
     line = one_error_line(proc, "run")
     for w in words:
         assert w in line, line
-    status = json.loads(run_drope(["status", run_id, "--json"], env, check=True).stdout)
+    status = json.loads(drope("status", ["status", run_id, "--json"], env, monkeypatch, capsys).stdout)
     recs = {s["stage"]: s for s in status["stages"]}
     assert status["run"]["status"] == "failed"
     assert recs[stage]["status"] == "failed" and recs[stage]["error"]

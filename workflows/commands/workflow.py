@@ -121,6 +121,9 @@ def main_run(argv: list[str]) -> int:
     _spec_args(p)
     args = p.parse_args(argv)
     spec = load_spec(args.spec, args.overrides)
+    from workflows.tracking import check_reachable, resolve_tracking_uri
+
+    check_reachable(resolve_tracking_uri(spec.tracking.uri, drope_home()))  # before a run record exists
     run_id, run_uri = _new_run(spec, args.run_id)
     return _execute(spec, run_id, run_uri)
 
