@@ -67,7 +67,7 @@ def run_recalibrate(spec, ctx: StageContext) -> dict:
             metrics_sink=ctx.sink,
         )
     _log_curve(ctx, res.get("history", []), ("loss", "lr", "grad_norm"), "loss_curve.png")
-    return {k: v for k, v in res.items() if k in ("steps", "final_loss", "tokens_seen")}
+    return {k: v for k, v in res.items() if k in ("steps", "final_loss", "tokens_seen", "start_step")}
 
 
 def run_fit_temperature(spec, ctx: StageContext) -> dict:

@@ -370,6 +370,19 @@ def _storage(storage_path: str):
     return storage_path[len("s3://"):], fs
 
 
+def _latest_checkpoint_step(path: str, filesystem, run_name: str) -> int:
+    """Step of the newest checkpoint_step_NNNNNN Ray Train kept for `run_name` (0: a fresh run)."""
+    import pyarrow.fs
+
+    fs = filesystem or pyarrow.fs.LocalFileSystem()
+    try:
+        infos = fs.get_file_info(pyarrow.fs.FileSelector(f"{path.rstrip('/')}/{run_name}", allow_not_found=True))
+    except OSError:
+        return 0
+    steps = [int(m.group(1)) for i in infos if (m := re.fullmatch(r"checkpoint_step_(\d+)", i.base_name))]
+    return max(steps, default=0)
+
+
 def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str) -> int:
     """Check the spec against the model before any worker starts; returns the block length."""
     from transformers import AutoConfig
@@ -401,6 +414,9 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     path, filesystem = _storage(storage_path)
+    start_step = _latest_checkpoint_step(path, filesystem, run_name)  # > 0: this launch resumes
+    if start_step:
+        print(f"[recalibrate] {run_name}: resuming from the checkpoint of step {start_step}", flush=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": asdict(cfg), "data": asdict(data), "seq_len": seq_len,
@@ -430,7 +446,8 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
         state = json.loads((Path(d) / STATE_FILE).read_text())
         if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no consolidated output
             return {"output": None, "steps": state["step"], "final_loss": state["history"][-1]["loss"],
-                    "history": state["history"], "checkpoint": result.checkpoint.path}
+                    "history": state["history"], "checkpoint": result.checkpoint.path, "start_step": start_step}
         diff = consolidate(d, checkpoint_dir, output_dir)
     return {"output": str(output_dir), "steps": state["step"], "final_loss": state["history"][-1]["loss"],
-            "history": state["history"], "checkpoint": result.checkpoint.path, "probe_max_abs_diff": diff}
+            "history": state["history"], "checkpoint": result.checkpoint.path, "probe_max_abs_diff": diff,
+            "start_step": start_step}
