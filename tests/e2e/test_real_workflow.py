@@ -13,7 +13,7 @@ from tests.fixtures.workflow_services import VENV_BIN, run_drope
 pytestmark = pytest.mark.real_model
 
 CI_BUDGET = [
-    "--set", "recalibrate.steps=2", "--set", "recalibrate.checkpoint_every=1",
+    "--set", "recalibrate.steps=2", "--set", "recalibrate.warmup_steps=1", "--set", "recalibrate.checkpoint_every=1",
     "--set", "fit_temperature.extension_factors=[2]", "--set", "fit_temperature.max_evals=4",
     "--set", "evaluate.variants=[drope, rope, yarn]", "--set", "evaluate.tasks=[niah_single_1]",
     "--set", "evaluate.extension_factors=[1, 2]", "--set", "evaluate.samples_per_cell=1",
