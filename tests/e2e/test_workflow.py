@@ -82,7 +82,7 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
         if s["recalibrate"]["status"] != "running":
             return False
         return any(Path(env["DROPE_HOME"]).glob("runs/wf-submit/ray-train/**/checkpoint_*"))
-    wait_for(recalibrating_with_checkpoint, 600, "recalibrate to checkpoint")
+    wait_for(recalibrating_with_checkpoint, 1500, "recalibrate to checkpoint")
     assert ray_job(address, "stop", sub1).returncode == 0
     wait_for(lambda: job_state(address, sub1) in ("STOPPED", "FAILED"), 120, "job to stop")
     s = status(run_id, env)
@@ -93,7 +93,7 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
     proc = run_drope(["resume", run_id, "--address", address], env, check=True)
     sub2 = proc.stdout.strip().splitlines()[-1]
     assert sub2 == "drope-wf-submit-a2"
-    wait_for(lambda: job_state(address, sub2) in ("SUCCEEDED", "FAILED", "STOPPED"), 900, "resumed job")
+    wait_for(lambda: job_state(address, sub2) in ("SUCCEEDED", "FAILED", "STOPPED"), 1500, "resumed job")
     assert job_state(address, sub2) == "SUCCEEDED", ray_job(address, "logs", sub2).stdout[-4000:]
     s = status(run_id, env)
     assert s["run"]["status"] == "succeeded" and s["job"] == "SUCCEEDED"
@@ -129,7 +129,7 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
     # change only an evaluation setting: only evaluate reruns
     proc = run_drope(["resume", run_id, "--address", address, "--set", "evaluate.samples_per_cell=2"], env, check=True)
     sub3 = proc.stdout.strip().splitlines()[-1]
-    wait_for(lambda: job_state(address, sub3) in ("SUCCEEDED", "FAILED", "STOPPED"), 600, "eval-only job")
+    wait_for(lambda: job_state(address, sub3) in ("SUCCEEDED", "FAILED", "STOPPED"), 1200, "eval-only job")
     assert job_state(address, sub3) == "SUCCEEDED"
     after = {k: v["attempts"] for k, v in status(run_id, env)["by_stage"].items()}
     assert after == {**attempts, "evaluate": 2}
