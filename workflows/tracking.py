@@ -91,6 +91,21 @@ class MlflowMetricsSink:
         if batch:
             self._client.log_batch(self.run_id, metrics=batch)
 
+    def fill_history(self, history: list[dict]) -> None:
+        """Log the rows of `history` ({"step": N, metric: value, ...}) whose step this run lacks."""
+        from mlflow import MlflowClient
+        from mlflow.entities import Metric
+
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        keys = {k for h in history for k in h if k != "step"}
+        have = {k: {m.step for m in self._client.get_metric_history(self.run_id, k)} for k in keys}
+        ts = int(time.time() * 1000)
+        rows = [Metric(k, float(v), ts, int(h["step"])) for h in history for k, v in h.items()
+                if k != "step" and isinstance(v, (int, float)) and int(h["step"]) not in have[k]]
+        for i in range(0, len(rows), 1000):  # MLflow's log_batch limit
+            self._client.log_batch(self.run_id, metrics=rows[i : i + 1000])
+
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         from mlflow import MlflowClient
 

@@ -8,6 +8,7 @@ order (2 ranks: a + b == b + a exactly), restored optimizer / step counters from
 
 import json
 import sys
+import uuid
 from pathlib import Path
 
 import pytest
@@ -93,19 +94,20 @@ def test_exact_resume_after_relaunch_with_same_name(reference, tmp_path, debug_c
     storage, out = str(tmp_path / "storage"), str(tmp_path / "out")
     first = recalibrate(RecalibrateConfig(**{**BASE, "stop_after_step": STEPS // 2}), data_cfg(),
                         str(debug_checkpoint), out, run_name="resume-me", storage_path=storage)
-    assert first["output"] is None and first["steps"] == STEPS // 2
+    assert first["output"] is None and first["steps"] == STEPS // 2 and first["start_step"] == 0
     second = recalibrate(RecalibrateConfig(**BASE), data_cfg(), str(debug_checkpoint), out,
                          run_name="resume-me", storage_path=storage)
-    assert second["steps"] == STEPS
+    assert second["steps"] == STEPS and second["start_step"] == STEPS // 2
     assert [h["loss"] for h in second["history"]] == [h["loss"] for h in reference["history"]]
     assert max_abs_diff(second["output"], reference["output"]) == 0.0
 
 
 def test_sigkilled_worker_restarts_from_checkpoint_and_matches(reference, tmp_path, debug_checkpoint):
     # rank 1 SIGKILLs itself after step 15 (last checkpoint: 12); Ray restarts the group from it.
+    # (a fresh run name: the once-only kill marker in the temp dir is keyed by it)
     cfg = RecalibrateConfig(**{**BASE, "max_failures": 1, "inject_kill_at_step": 15})
     result = recalibrate(cfg, data_cfg(), str(debug_checkpoint), str(tmp_path / "out"),
-                         run_name=f"killed-{tmp_path.name}", storage_path=str(tmp_path / "storage"))
+                         run_name=f"killed-{uuid.uuid4().hex[:12]}", storage_path=str(tmp_path / "storage"))
     assert result["steps"] == STEPS
     assert max_abs_diff(result["output"], reference["output"]) == 0.0
 

@@ -40,7 +40,7 @@ def run_fetch(spec, ctx: StageContext) -> dict:
 def run_pretrain(spec, ctx: StageContext) -> dict:
     from workflows.stages.pretrain import pretrain_stage
 
-    return pretrain_stage(spec, ctx)
+    return _report_training(ctx, pretrain_stage(spec, ctx))
 
 
 def run_drop_rope(spec, ctx: StageContext) -> dict:
@@ -66,7 +66,16 @@ def run_recalibrate(spec, ctx: StageContext) -> dict:
             storage_path=storage.join(ctx.run_uri, "ray-train"),
             metrics_sink=ctx.sink,
         )
-    _log_curve(ctx, res.get("history", []), ("loss", "lr", "grad_norm"), "loss_curve.png")
+    return _report_training(ctx, res)
+
+
+def _report_training(ctx: StageContext, res: dict) -> dict:
+    """Give this attempt's MLflow run the whole curve (a resumed attempt logged only the steps it ran:
+    the restored ones are filled in), then the PNG of it."""
+    history = res.get("history", [])
+    if res.get("start_step") and ctx.sink is not None and hasattr(ctx.sink, "fill_history"):
+        ctx.sink.fill_history(history)
+    _log_curve(ctx, history, ("loss", "lr", "grad_norm"), "loss_curve.png")
     return {k: v for k, v in res.items() if k in ("steps", "final_loss", "tokens_seen", "start_step")}
 
 

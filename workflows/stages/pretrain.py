@@ -28,4 +28,4 @@ def pretrain_stage(spec, ctx) -> dict:
                               storage_path=storage.join(ctx.run_uri, "ray-train"), metrics_sink=ctx.sink)
     finally:
         shutil.rmtree(init, ignore_errors=True)
-    return {k: v for k, v in res.items() if k in ("steps", "final_loss", "tokens_seen")}
+    return res

@@ -26,6 +26,7 @@ import shutil
 import signal
 import tempfile
 import time
+import uuid
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -311,7 +312,10 @@ def train_func(config: dict) -> None:
                 (Path(d) / f"data_rank{rank}.json").write_text(json.dumps(sampler.state_dict()))
                 if rank == 0:
                     (Path(d) / STATE_FILE).write_text(json.dumps({"step": done, "history": history}))
-                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d),
+                # where this launch went on from, for the driver: the newest checkpoint directory
+                # can be one a killed launch was still writing
+                ray.train.report({**metrics, "launch": config["launch"], "resumed_from": start},
+                                 checkpoint=ray.train.Checkpoint.from_directory(d),
                                  checkpoint_dir_name=f"checkpoint_step_{done:06d}")
         if done == cfg.stop_after_step:
             return
@@ -414,14 +418,16 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     path, filesystem = _storage(storage_path)
-    start_step = _latest_checkpoint_step(path, filesystem, run_name)  # > 0: this launch resumes
-    if start_step:
-        print(f"[recalibrate] {run_name}: resuming from the checkpoint of step {start_step}", flush=True)
+    launch = uuid.uuid4().hex
+    if newest := _latest_checkpoint_step(path, filesystem, run_name):
+        print(f"[recalibrate] {run_name}: checkpoints found up to step {newest}; resuming from the newest "
+              f"complete one", flush=True)
     trainer = TorchTrainer(
         train_func,
         train_loop_config={"cfg": asdict(cfg), "data": asdict(data), "seq_len": seq_len,
                            "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
-                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name},
+                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name,
+                           "launch": launch},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -442,8 +448,11 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
                                     f"lower recalibrate.lr or raise warmup_steps, then relaunch") from None
     if result.checkpoint is None:
         raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
+    metrics = result.metrics or {}
     with result.checkpoint.as_directory() as d:
         state = json.loads((Path(d) / STATE_FILE).read_text())
+        # a launch that found the run finished ran no step and reported no checkpoint of its own
+        start_step = int(metrics["resumed_from"]) if metrics.get("launch") == launch else state["step"]
         if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no consolidated output
             return {"output": None, "steps": state["step"], "final_loss": state["history"][-1]["loss"],
                     "history": state["history"], "checkpoint": result.checkpoint.path, "start_step": start_step}
