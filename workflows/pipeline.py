@@ -70,7 +70,11 @@ def _resolve_ray(spec: WorkflowSpec):
         elif os.environ.get("RAY_ADDRESS"):
             kwargs = {}  # inside a Ray job (drope submit): the job's cluster
         else:
-            kwargs = {"address": "local", "num_cpus": spec.ray.num_cpus, "include_dashboard": False}
+            # the dashboard (loopback only) serves the state API Ray Train's placement-group cleaner
+            # polls: without it, that cleaner logs a warning every second of training. None: start
+            # it, but a dashboard that fails to come up does not stop the run.
+            kwargs = {"address": "local", "num_cpus": spec.ray.num_cpus, "include_dashboard": None,
+                      "dashboard_host": "127.0.0.1"}
         try:
             ray.init(log_to_driver=True, **kwargs)
         except (ConnectionError, ValueError) as e:

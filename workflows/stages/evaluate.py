@@ -19,14 +19,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
 
-log = logging.getLogger(__name__)
 VARIANTS = ("drope", "rope", "pi", "ntk", "yarn")
 NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
               "niah_multikey_3", "niah_multivalue", "niah_multiquery")
@@ -165,7 +163,7 @@ def run_unit(unit: dict) -> dict:
     model, tok = _model_for(unit)
     task, length = unit["task"], unit["length"]
     out = {k: unit[k] for k in ("variant", "task", "factor", "length")}
-    say = lambda msg: log.info("[%s] %s", unit["variant"], msg)  # noqa: E731
+    say = lambda msg: print(f"[evaluate] {unit['variant']}: {msg}", flush=True)  # noqa: E731
     with torch.inference_mode():
         if task in NIAH_TASKS and not _fits(task, tok, length, cfg):
             out.update(metric="string_match_all", score=None, skipped=f"{length} tokens cannot hold the prompt frame")
@@ -215,7 +213,7 @@ def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: 
     C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
     units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
                              original_context=C, data=data)
-    log.info("evaluate: %d units (C_train = %d)", len(units), C)
+    print(f"[evaluate] {len(units)} units (C_train = {C})", flush=True)
     results = _run_all(units, cfg.cpus_per_unit, metrics_sink)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -248,8 +246,8 @@ def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict
 
     def record(i, r):
         results.append(r)
-        log.info("evaluate: %d/%d %s %s L=%d -> %s", len(results), len(units), r["variant"], r["task"],
-                 r["length"], r["score"] if r["score"] is not None else r.get("skipped"))
+        done = r["score"] if r["score"] is not None else r.get("skipped")
+        print(f"[evaluate] {len(results)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}", flush=True)
         if metrics_sink is not None and r["score"] is not None:
             metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
 

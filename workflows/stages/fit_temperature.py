@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -24,7 +23,6 @@ from drope_ops.data import DataConfig
 from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.temperature import MAX_EVALS_CAP
 
-log = logging.getLogger(__name__)
 DTYPES = ("float32", "bfloat16")
 
 
@@ -84,10 +82,10 @@ def fit_one_length(checkpoint_dir: str, data: dict, factor: float, cfg: dict) ->
     model, tok = load_drope(checkpoint_dir, cfg.dtype)
     length = int(round(factor * model.config.original_max_position_embeddings))
     blocks = heldout_blocks(DataConfig(**data), tok, length, cfg.sequences_per_length)
-    log.info("fit_temperature: s=%s L=%d on %d held-out sequences", factor, length, len(blocks))
+    print(f"[fit_temperature] s={factor} L={length} on {len(blocks)} held-out sequences", flush=True)
     with torch.inference_mode():
         fit = fit_length(model, blocks, tuple(cfg.bounds), cfg.max_evals,
-                         progress=lambda b, l: log.info("  s=%s beta=%.4f loss=%.5f", factor, b, l))
+                         progress=lambda b, l: print(f"[fit_temperature]   s={factor} beta={b:.4f} loss={l:.5f}", flush=True))
     return {"factor": factor, "length": length, "beta": fit.beta, "loss": fit.loss, "evals": fit.evals}
 
 
@@ -141,13 +139,13 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: st
     betas = {f["factor"]: f["beta"] for f in fits}
     c = fit_c(betas)
     for step, f in enumerate(fits):
-        log.info("fit_temperature: s=%g L=%d beta=%.4f loss=%.4f (%d evals)", f["factor"], f["length"],
-                 f["beta"], f["loss"], len(f["evals"]))
+        print(f"[fit_temperature] s={f['factor']:g} L={f['length']} beta={f['beta']:.4f} loss={f['loss']:.4f} "
+              f"({len(f['evals'])} evals)", flush=True)
         if metrics_sink is not None:
             metrics_sink.log_metrics({"beta": f["beta"], "heldout_loss": f["loss"], "length": f["length"]}, step)
     if metrics_sink is not None:
         metrics_sink.log_metrics({"logit_scale_c": c}, len(fits))
-    log.info("fit_temperature: c = %.4f (paper: 0.103 SmolLM-DroPE, 0.412 from scratch)", c)
+    print(f"[fit_temperature] c = {c:.4f} (paper: 0.103 SmolLM-DroPE, 0.412 from scratch)", flush=True)
     write_fitted_checkpoint(checkpoint_dir, output_dir, c, fits)
     return {"output": str(output_dir), "c": c, "betas": betas,
             "losses": {f["factor"]: f["loss"] for f in fits}, "lengths": {f["factor"]: f["length"] for f in fits}}
