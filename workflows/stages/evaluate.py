@@ -24,6 +24,7 @@ from pathlib import Path
 
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
+from drope_ops.hardware import DTYPE_CHOICES, resolve_dtype
 
 VARIANTS = ("drope", "rope", "pi", "ntk", "yarn")
 NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -59,8 +60,9 @@ class EvalConfig:
     """Records per LongBench task (None = all)."""
     seed: int = 0
     """Seed of the NIAH samples."""
-    dtype: str = "bfloat16"
-    """Weights' dtype for evaluation (bf16 runs ~2x faster than fp32 on CPUs with avx512_bf16)."""
+    dtype: str = "auto"
+    """Weights' dtype for evaluation: auto (bfloat16 where the node computes it natively: GPUs, CPUs
+    with avx512_bf16 / AMX; else float32, as emulated bf16 is ~50x slower), float32 or bfloat16."""
     original_context: int | None = None
     """C_train; None = the DroPE config's original_max_position_embeddings."""
     cpus_per_unit: float = 1
@@ -86,8 +88,8 @@ class EvalConfig:
         if "longbench" in self.tasks and not self.longbench_path:
             raise SpecError("evaluate.tasks has 'longbench' but evaluate.longbench_path is empty; point it at "
                             "LongBench's data folder (jsonl or parquet), or drop the task")
-        if self.dtype not in ("float32", "bfloat16"):
-            raise SpecError(f"evaluate.dtype={self.dtype!r}: choose float32 or bfloat16")
+        if self.dtype not in DTYPE_CHOICES:
+            raise SpecError(f"evaluate.dtype={self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
 
 
 def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None,
@@ -128,7 +130,7 @@ def _model_for(unit: dict):
     key = (unit["checkpoint"], variant, factor, unit["cfg"]["dtype"])
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        dtype = getattr(torch, unit["cfg"]["dtype"])
+        dtype = resolve_dtype(unit["cfg"]["dtype"], "evaluate.dtype")
         if variant == "drope":
             model = AutoModelForCausalLM.from_pretrained(unit["checkpoint"], dtype=dtype, use_safetensors=True).eval()
         else:

@@ -23,7 +23,8 @@ from drope_ops.data import DataConfig
 from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.temperature import MAX_EVALS_CAP
 
-DTYPES = ("float32", "bfloat16")
+from drope_ops.hardware import DTYPE_CHOICES as DTYPES
+from drope_ops.hardware import resolve_dtype
 
 
 @dataclass
@@ -37,7 +38,8 @@ class TemperatureConfig:
     max_evals: int = 12
     """Loss evaluations per length (<= 12)."""
     dtype: str = "float32"
-    """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3) or bfloat16."""
+    """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3), bfloat16, or
+    auto (bfloat16 where the node computes it natively, else float32)."""
     cpus_per_length: float = 1
     """CPUs of each per-length Ray task (when Ray is initialised)."""
 
@@ -56,7 +58,6 @@ class TemperatureConfig:
 
 def load_drope(checkpoint_dir: str, dtype: str = "float32"):
     """(model, tokenizer) of a DroPE checkpoint: safetensors only, no remote code."""
-    import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import drope_ops  # noqa: F401  (registers model_type "drope")
@@ -67,7 +68,8 @@ def load_drope(checkpoint_dir: str, dtype: str = "float32"):
     if cfg.model_type != "drope":
         raise CheckpointError(f"{checkpoint_dir}: model_type {cfg.model_type!r}, not 'drope'; fit the temperature "
                               f"of a DroPE checkpoint (drope drop-rope, then recalibrate)")
-    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=getattr(torch, dtype), use_safetensors=True)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=resolve_dtype(dtype, "fit_temperature.dtype"),
+                                                 use_safetensors=True)
     return model.eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
