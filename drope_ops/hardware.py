@@ -36,3 +36,9 @@ def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if fast_bf16() else torch.float32
     return getattr(torch, name)
+
+
+def use_cpus(cpus: float) -> None:
+    """Let torch use a task's CPU share: Ray reuses worker processes across tasks of different sizes,
+    so the thread count a worker started with is not the one this task was given."""
+    torch.set_num_threads(max(1, int(cpus)))

@@ -67,6 +67,24 @@ def test_units_are_plain_and_evaluate_writes_outputs(debug_checkpoint, drope_che
     assert "| drope |" in open(res["table_md"]).read()
 
 
+def test_factor_one_baselines_are_computed_once_and_equal_rope(debug_checkpoint, text_data, tmp_path, capsys):
+    cfg = EvalConfig(variants=["rope", "pi", "ntk", "yarn"], tasks=["perplexity"], extension_factors=[1, 2],
+                     perplexity_sequences=1, dtype="float32", original_context=128)
+    res = evaluate(cfg, drope_checkpoint=None, base_checkpoint=str(debug_checkpoint),
+                   output_dir=str(tmp_path / "eval"), data=text_data)
+    assert "10 cells, 6 to compute" in capsys.readouterr().out  # 1x: rope only; 2x: rope pi ntk yarn crop
+    by = {(r["variant"], r["length"]): r for r in res["results"]}
+    for v in ("pi", "ntk", "yarn", "crop"):
+        assert by[(v, 128)]["same_as"] == "rope" and by[(v, 128)]["score"] == by[("rope", 128)]["score"]
+        assert "same_as" not in by[(v, 256)]
+    # the shortcut is exact: each baseline at factor 1, really computed, gives rope's number
+    units = evaluation_units(cfg, drope_checkpoint=None, base_checkpoint=str(debug_checkpoint),
+                             original_context=128, data=text_data)
+    for u in units:
+        if u["length"] == 128 and u["variant"] != "rope":
+            assert run_unit(u)["score"] == pytest.approx(by[("rope", 128)]["score"], rel=1e-6), u["variant"]
+
+
 def test_eval_config_names_bad_fields():
     with pytest.raises(SpecError, match="evaluate.variants"):
         EvalConfig(variants=["longrope"])

@@ -195,6 +195,14 @@ def run_unit(unit: dict) -> dict:
     return out
 
 
+def _run_unit_task(unit: dict, cpus: float) -> dict:
+    """run_unit as a Ray task: torch uses the task's CPUs (Ray workers are reused across tasks)."""
+    from drope_ops.hardware import use_cpus
+
+    use_cpus(cpus)
+    return run_unit(unit)
+
+
 def _fits(task: str, tok, length: int, cfg: EvalConfig) -> bool:
     """Whether a NIAH prompt of `length` tokens has room for its frame and needles (short C_train)."""
     from drope_ops.evals import niah
@@ -215,8 +223,7 @@ def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: 
     C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
     units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
                              original_context=C, data=data)
-    print(f"[evaluate] {len(units)} units (C_train = {C})", flush=True)
-    results = _run_all(units, cfg.cpus_per_unit, metrics_sink)
+    results = _run_deduplicated(units, cfg.cpus_per_unit, metrics_sink, C)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table_json, table_md = report.write_table(results, out, notes={"original_context": C, "config": dataclasses.asdict(cfg)})
@@ -237,6 +244,35 @@ def _original_context(drope_checkpoint, base_checkpoint) -> int:
     return original_context_of(AutoConfig.from_pretrained(base_checkpoint))
 
 
+def compute_key(unit: dict, original_context: int) -> tuple:
+    """Units with equal keys compute the same numbers: at factor 1, PI / NTK / YaRN are the base RoPE
+    model (their frequencies reduce to RoPE's), and crop at length <= C_train crops nothing."""
+    same_as_rope = (unit["variant"] in ("pi", "ntk", "yarn") and unit["factor"] == 1.0) or (
+        unit["variant"] == "crop" and unit["length"] <= original_context)
+    return (unit["checkpoint"], "rope" if same_as_rope else unit["variant"], unit["task"], unit["length"])
+
+
+def _run_deduplicated(units: list[dict], cpus_per_unit: float, metrics_sink, original_context: int) -> list[dict]:
+    """Run one unit per compute_key, the longest first (the last ones to finish are then short), and
+    give every unit its key's result under its own variant name and factor."""
+    groups: dict[tuple, list[dict]] = {}
+    for u in units:
+        groups.setdefault(compute_key(u, original_context), []).append(u)
+    firsts = sorted((g[0] for g in groups.values()), key=lambda u: -u["length"])
+    print(f"[evaluate] {len(units)} cells, {len(firsts)} to compute (C_train = {original_context})", flush=True)
+    computed = {compute_key(u, original_context): r  # _run_all returns results in its units' order
+                for u, r in zip(firsts, _run_all(firsts, cpus_per_unit, metrics_sink))}
+    results = []
+    for u in units:
+        r = computed[compute_key(u, original_context)]
+        if r["variant"] != u["variant"]:
+            r = {**r, "variant": u["variant"], "factor": u["factor"], "same_as": r["variant"]}
+            if metrics_sink is not None and r["score"] is not None:
+                metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
+        results.append(r)
+    return results
+
+
 def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict]:
     try:
         import ray
@@ -254,8 +290,8 @@ def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict
             metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
 
     if parallel:
-        task = ray.remote(num_cpus=cpus_per_unit)(run_unit)
-        pending = {task.remote(u): i for i, u in enumerate(units)}
+        task = ray.remote(num_cpus=cpus_per_unit)(_run_unit_task)
+        pending = {task.remote(u, cpus_per_unit): i for i, u in enumerate(units)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             record(pending.pop(done[0]), ray.get(done[0]))

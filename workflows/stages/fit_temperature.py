@@ -41,7 +41,9 @@ class TemperatureConfig:
     """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3), bfloat16, or
     auto (bfloat16 where the node computes it natively, else float32)."""
     cpus_per_length: float = 1
-    """CPUs of each per-length Ray task (when Ray is initialised)."""
+    """CPUs (and torch threads) of each per-length Ray task when Ray is initialised. Lengths cost
+    unequally (attention grows with L^2): on a small node, all its CPUs per length runs them one after
+    another with none idle, where one CPU each leaves one idle while the longest finishes."""
 
     def __post_init__(self):
         if not self.extension_factors or any(float(s) <= 1 for s in self.extension_factors):
@@ -91,6 +93,14 @@ def fit_one_length(checkpoint_dir: str, data: dict, factor: float, cfg: dict) ->
     return {"factor": factor, "length": length, "beta": fit.beta, "loss": fit.loss, "evals": fit.evals}
 
 
+def _fit_task(checkpoint_dir: str, data: dict, factor: float, cfg: dict) -> dict:
+    """fit_one_length as a Ray task, torch using the task's CPUs."""
+    from drope_ops.hardware import use_cpus
+
+    use_cpus(cfg["cpus_per_length"])
+    return fit_one_length(checkpoint_dir, data, factor, cfg)
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -133,9 +143,10 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: st
         parallel = ray.is_initialized()
     except ImportError:
         parallel = False
-    if parallel:
-        task = ray.remote(num_cpus=cfg.cpus_per_length)(fit_one_length)
-        fits = ray.get([task.remote(checkpoint_dir, data_dict, s, cfg_dict) for s in factors])
+    if parallel:  # longest first: with cpus_per_length = all CPUs the lengths run one after another
+        task = ray.remote(num_cpus=cfg.cpus_per_length)(_fit_task)
+        fits = ray.get([task.remote(checkpoint_dir, data_dict, s, cfg_dict) for s in sorted(factors, reverse=True)])
+        fits.sort(key=lambda f: factors.index(f["factor"]))
     else:
         fits = [fit_one_length(checkpoint_dir, data_dict, s, cfg_dict) for s in factors]
     betas = {f["factor"]: f["beta"] for f in fits}
