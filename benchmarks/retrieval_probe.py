@@ -1,0 +1,120 @@
+"""Does a tiny RoPE Llama learn niah_single_1 at its training length on this box? (README, micro reproduction)
+
+One process, no Ray: trains from random init on a mix of RULER needle prompts (answers included, seeds
+disjoint from the evaluation's), optional copy documents (random digits, a newline, the same digits:
+only an induction head predicts the second half) and Shakespeare, and scores NIAH at 1x and 2x every
+--eval-every steps. The micro reproduction can only show DroPE's retrieval claim once this says yes.
+
+    python benchmarks/retrieval_probe.py --tokenizer bpe --seq 256 --steps 1500 --needles 0.34 --copies 0.33
+    python benchmarks/retrieval_probe.py --tokenizer bytes --seq 512 --batch 8 --steps 800 --needles 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import random
+import time
+
+import torch
+
+
+def bpe_tokenizer(texts: list[str], vocab_size: int):
+    """A byte-level BPE trained on `texts` with every digit its own token (so numbers copy digit by digit)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
+def copy_block(tok, seq: int, rng: random.Random) -> list[int]:
+    n = rng.randint(8, seq // 2 - 2)
+    digits = "".join(rng.choice("0123456789") for _ in range(n))
+    ids = tok(digits + "\n" + digits + "\n", add_special_tokens=False)["input_ids"][:seq]
+    return ids + [tok.eos_token_id] * (seq - len(ids))
+
+
+def main() -> None:
+    from transformers import LlamaForCausalLM
+
+    from drope_ops import assets
+    from drope_ops.debugmodel import byte_level_tokenizer, debug_config
+    from drope_ops.evals.niah import evaluate_cell
+    from drope_ops.needle_data import needle_block
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bpe")
+    p.add_argument("--vocab", type=int, default=2048, help="BPE vocabulary size")
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--needles", type=float, default=0.34, help="fraction of each batch that is needle prompts")
+    p.add_argument("--copies", type=float, default=0.33, help="fraction of each batch that is copy documents")
+    p.add_argument("--eval-every", type=int, default=300)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    texts = [f.read_text(errors="ignore") for f in assets.shakespeare_texts()]
+    tok = byte_level_tokenizer() if args.tokenizer == "bytes" else bpe_tokenizer(texts, args.vocab)
+    cfg = debug_config(vocab_size=len(tok), hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                       num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+                       max_position_embeddings=args.seq, bos_token_id=tok.eos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(cfg)
+    print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}", flush=True)
+
+    n_pool = 4000
+    needles = torch.stack([needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed)
+                           for i in range(n_pool)])
+    rng = random.Random(args.seed)
+    copies = torch.tensor([copy_block(tok, args.seq, rng) for _ in range(n_pool)])
+    ids = torch.tensor(tok("\n".join(texts)[:3_000_000])["input_ids"])
+    text = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
+
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=0.1)
+    g = torch.Generator().manual_seed(args.seed)
+    k_needle, k_copy = round(args.batch * args.needles), round(args.batch * args.copies)
+    t0 = time.time()
+    for step in range(args.steps):
+        scale = min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
+        for group in opt.param_groups:
+            group["lr"] = args.lr * max(scale, 0.1)
+        x = torch.cat([needles[torch.randint(0, n_pool, (k_needle,), generator=g)],
+                       copies[torch.randint(0, n_pool, (k_copy,), generator=g)],
+                       text[torch.randint(0, len(text), (args.batch - k_needle - k_copy,), generator=g)]])
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad()
+        if step % 100 == 0:
+            print(f"step {step} loss {loss.item():.4f} ({(time.time() - t0) / (step + 1):.2f} s/step)", flush=True)
+        if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
+            model.eval()
+            with torch.no_grad():
+                for length in (args.seq, 2 * args.seq):
+                    r = evaluate_cell(model, tok, "niah_single_1", length, depths=[0, 25, 50, 75, 100], samples=10,
+                                      max_new_tokens=12, seed=args.seed)
+                    first = r["samples"][0]
+                    print(f"  NIAH@{length} after {step + 1} steps: {r['score']:.0f} "
+                          f"(asked {first['answers']}, got {first['output']!r})", flush=True)
+            model.train()
+
+
+if __name__ == "__main__":
+    main()
