@@ -1,7 +1,7 @@
 """Does a tiny RoPE Llama learn niah_single_1 at its training length on this box? (README, micro reproduction)
 
 One process, no Ray: trains from random init on a mix of RULER needle prompts (answers included, seeds
-disjoint from the evaluation's), optional copy documents (random digits, a newline, the same digits:
+disjoint from the evaluation's), optional copy documents (a random span of digits or tokens, a newline, the same span:
 only an induction head predicts the second half) and Shakespeare, and scores NIAH at 1x and 2x every
 --eval-every steps. The micro reproduction can only show DroPE's retrieval claim once this says yes.
 
@@ -35,11 +35,31 @@ def bpe_tokenizer(texts: list[str], vocab_size: int):
                                    pad_token="<|pad|>")
 
 
-def copy_block(tok, seq: int, rng: random.Random) -> list[int]:
+def copy_block(tok, seq: int, rng: random.Random, kind: str) -> tuple[list[int], int]:
+    """(ids, start of the repeat): a random span, a newline, the same span again, EOS-padded to seq.
+    kind "digits": random digits (10 symbols, so copying must match several previous tokens);
+    kind "tokens": random vocabulary tokens (each one nearly unique: plain one-token induction)."""
     n = rng.randint(8, seq // 2 - 2)
-    digits = "".join(rng.choice("0123456789") for _ in range(n))
-    ids = tok(digits + "\n" + digits + "\n", add_special_tokens=False)["input_ids"][:seq]
-    return ids + [tok.eos_token_id] * (seq - len(ids))
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    if kind == "digits":
+        span = tok("".join(rng.choice("0123456789") for _ in range(n)), add_special_tokens=False)["input_ids"]
+    else:
+        special = set(tok.all_special_ids)
+        span = [t for t in (rng.randrange(len(tok)) for _ in range(2 * n)) if t not in special][:n]
+    ids = (span + newline + span + newline)[:seq]
+    return ids + [tok.eos_token_id] * (seq - len(ids)), len(span) + len(newline)
+
+
+@torch.no_grad()
+def copy_loss(model, blocks: torch.Tensor, starts: list[int]) -> float:
+    """Mean loss on the repeated half of copy documents (ln 10 or ln |V| without an induction head, ~0 with)."""
+    logits = model(input_ids=blocks).logits.float()
+    losses = []
+    for row, start in enumerate(starts):
+        n = start - 1  # the span's length
+        target = blocks[row, start + 1:start + n]
+        losses.append(torch.nn.functional.cross_entropy(logits[row, start:start + n - 1], target))
+    return float(torch.stack(losses).mean())
 
 
 def main() -> None:
@@ -62,6 +82,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--needles", type=float, default=0.34, help="fraction of each batch that is needle prompts")
     p.add_argument("--copies", type=float, default=0.33, help="fraction of each batch that is copy documents")
+    p.add_argument("--copy-kind", choices=["digits", "tokens"], default="digits")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
@@ -82,7 +103,10 @@ def main() -> None:
     needles = torch.stack([needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed)
                            for i in range(n_pool)])
     rng = random.Random(args.seed)
-    copies = torch.tensor([copy_block(tok, args.seq, rng) for _ in range(n_pool)])
+    copy_pool = [copy_block(tok, args.seq, rng, args.copy_kind) for _ in range(n_pool + 16)]
+    copies = torch.tensor([ids for ids, _ in copy_pool[:n_pool]])
+    probe_copies = torch.tensor([ids for ids, _ in copy_pool[n_pool:]])
+    probe_starts = [start for _, start in copy_pool[n_pool:]]
     ids = torch.tensor(tok("\n".join(texts)[:3_000_000])["input_ids"])
     text = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
 
@@ -107,6 +131,8 @@ def main() -> None:
         if (step + 1) % args.eval_every == 0 or step == args.steps - 1:
             model.eval()
             with torch.no_grad():
+                print(f"  copy loss (repeated half, held-out) after {step + 1} steps: "
+                      f"{copy_loss(model, probe_copies, probe_starts):.3f}", flush=True)
                 for length in (args.seq, 2 * args.seq):
                     r = evaluate_cell(model, tok, "niah_single_1", length, depths=[0, 25, 50, 75, 100], samples=10,
                                       max_new_tokens=12, seed=args.seed)
