@@ -42,3 +42,9 @@ def use_cpus(cpus: float) -> None:
     """Let torch use a task's CPU share: Ray reuses worker processes across tasks of different sizes,
     so the thread count a worker started with is not the one this task was given."""
     torch.set_num_threads(max(1, int(cpus)))
+
+
+def run_with_cpus(cpus: float, fn, *args):
+    """fn(*args) with torch on `cpus` threads: the body of a Ray task given num_cpus=cpus."""
+    use_cpus(cpus)
+    return fn(*args)

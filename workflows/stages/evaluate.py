@@ -24,7 +24,7 @@ from pathlib import Path
 
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
-from drope_ops.hardware import DTYPE_CHOICES, resolve_dtype
+from drope_ops.hardware import DTYPE_CHOICES, resolve_dtype, run_with_cpus
 
 VARIANTS = ("drope", "rope", "pi", "ntk", "yarn")
 NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -195,14 +195,6 @@ def run_unit(unit: dict) -> dict:
     return out
 
 
-def _run_unit_task(unit: dict, cpus: float) -> dict:
-    """run_unit as a Ray task: torch uses the task's CPUs (Ray workers are reused across tasks)."""
-    from drope_ops.hardware import use_cpus
-
-    use_cpus(cpus)
-    return run_unit(unit)
-
-
 def _fits(task: str, tok, length: int, cfg: EvalConfig) -> bool:
     """Whether a NIAH prompt of `length` tokens has room for its frame and needles (short C_train)."""
     from drope_ops.evals import niah
@@ -267,10 +259,15 @@ def _run_deduplicated(units: list[dict], cpus_per_unit: float, metrics_sink, ori
         r = computed[compute_key(u, original_context)]
         if r["variant"] != u["variant"]:
             r = {**r, "variant": u["variant"], "factor": u["factor"], "same_as": r["variant"]}
-            if metrics_sink is not None and r["score"] is not None:
-                metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
+            _log_score(metrics_sink, r)
         results.append(r)
     return results
+
+
+def _log_score(metrics_sink, r: dict) -> None:
+    """One result as the MLflow metric <task>.<variant>, its step the length."""
+    if metrics_sink is not None and r["score"] is not None:
+        metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
 
 
 def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict]:
@@ -286,12 +283,11 @@ def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict
         results.append(r)
         done = r["score"] if r["score"] is not None else r.get("skipped")
         print(f"[evaluate] {len(results)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}", flush=True)
-        if metrics_sink is not None and r["score"] is not None:
-            metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
+        _log_score(metrics_sink, r)
 
     if parallel:
-        task = ray.remote(num_cpus=cpus_per_unit)(_run_unit_task)
-        pending = {task.remote(u, cpus_per_unit): i for i, u in enumerate(units)}
+        task = ray.remote(num_cpus=cpus_per_unit)(run_with_cpus)
+        pending = {task.remote(cpus_per_unit, run_unit, u): i for i, u in enumerate(units)}
         while pending:
             done, _ = ray.wait(list(pending), num_returns=1)
             record(pending.pop(done[0]), ray.get(done[0]))

@@ -24,7 +24,7 @@ from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.temperature import MAX_EVALS_CAP
 
 from drope_ops.hardware import DTYPE_CHOICES as DTYPES
-from drope_ops.hardware import resolve_dtype
+from drope_ops.hardware import resolve_dtype, run_with_cpus
 
 
 @dataclass
@@ -93,14 +93,6 @@ def fit_one_length(checkpoint_dir: str, data: dict, factor: float, cfg: dict) ->
     return {"factor": factor, "length": length, "beta": fit.beta, "loss": fit.loss, "evals": fit.evals}
 
 
-def _fit_task(checkpoint_dir: str, data: dict, factor: float, cfg: dict) -> dict:
-    """fit_one_length as a Ray task, torch using the task's CPUs."""
-    from drope_ops.hardware import use_cpus
-
-    use_cpus(cfg["cpus_per_length"])
-    return fit_one_length(checkpoint_dir, data, factor, cfg)
-
-
 def _link_or_copy(src: Path, dst: Path) -> None:
     try:
         os.link(src, dst)
@@ -144,8 +136,9 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: st
     except ImportError:
         parallel = False
     if parallel:  # longest first: with cpus_per_length = all CPUs the lengths run one after another
-        task = ray.remote(num_cpus=cfg.cpus_per_length)(_fit_task)
-        fits = ray.get([task.remote(checkpoint_dir, data_dict, s, cfg_dict) for s in sorted(factors, reverse=True)])
+        task = ray.remote(num_cpus=cfg.cpus_per_length)(run_with_cpus)
+        fits = ray.get([task.remote(cfg.cpus_per_length, fit_one_length, checkpoint_dir, data_dict, s, cfg_dict)
+                        for s in sorted(factors, reverse=True)])
         fits.sort(key=lambda f: factors.index(f["factor"]))
     else:
         fits = [fit_one_length(checkpoint_dir, data_dict, s, cfg_dict) for s in factors]

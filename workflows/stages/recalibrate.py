@@ -34,6 +34,7 @@ import torch
 
 from drope_ops.data import DataConfig, iter_documents, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
+from drope_ops.hardware import use_cpus
 from drope_ops.manifest import write_manifest
 
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
@@ -220,7 +221,7 @@ def train_func(config: dict) -> None:
     seq_len, ckpt_dir, sink = config["seq_len"], config["checkpoint_dir"], config["metrics_sink"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+    use_cpus(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
 
