@@ -35,19 +35,32 @@ def bpe_tokenizer(texts: list[str], vocab_size: int):
                                    pad_token="<|pad|>")
 
 
-def copy_block(tok, seq: int, rng: random.Random, kind: str) -> tuple[list[int], int]:
-    """(ids, start of the repeat): a random span, a newline, the same span again, EOS-padded to seq.
+def copy_block(tok, seq: int, rng: random.Random, kind: str, max_span: int = 0,
+               pack: bool = False) -> tuple[list[int], list[int], int]:
+    """(ids, labels, start of the first repeat): a random span, a newline, the same span again, then
+    (pack) more such episodes until seq is full, EOS-padded to seq. labels are -100 except on the
+    repeats (the spans themselves are unpredictable noise; the repeats need an induction head).
     kind "digits": random digits (10 symbols, so copying must match several previous tokens);
     kind "tokens": random vocabulary tokens (each one nearly unique: plain one-token induction)."""
-    n = rng.randint(8, seq // 2 - 2)
     newline = tok("\n", add_special_tokens=False)["input_ids"]
-    if kind == "digits":
-        span = tok("".join(rng.choice("0123456789") for _ in range(n)), add_special_tokens=False)["input_ids"]
-    else:
-        special = set(tok.all_special_ids)
-        span = [t for t in (rng.randrange(len(tok)) for _ in range(2 * n)) if t not in special][:n]
-    ids = (span + newline + span + newline)[:seq]
-    return ids + [tok.eos_token_id] * (seq - len(ids)), len(span) + len(newline)
+    special = set(tok.all_special_ids)
+    ids: list[int] = []
+    labels: list[int] = []
+    first = None
+    while len(ids) < seq - 2 * (8 + len(newline)):
+        n = rng.randint(8, min(max_span or seq, (seq - len(ids)) // 2 - 2))
+        if kind == "digits":
+            span = tok("".join(rng.choice("0123456789") for _ in range(n)), add_special_tokens=False)["input_ids"]
+        else:
+            span = [t for t in (rng.randrange(len(tok)) for _ in range(2 * n)) if t not in special][:n]
+        first = len(ids) + len(span) + len(newline) if first is None else first
+        ids += span + newline + span + newline
+        labels += [-100] * (len(span) + len(newline) + 1) + span[1:] + newline
+        if not pack:
+            break
+    ids, labels = ids[:seq], labels[:seq]
+    pad = seq - len(ids)
+    return ids + [tok.eos_token_id] * pad, labels + [-100] * pad, first
 
 
 @torch.no_grad()
@@ -85,6 +98,14 @@ def main() -> None:
     p.add_argument("--copy-kind", choices=["digits", "tokens"], default="digits")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--copy-warmup", type=int, default=0,
+                   help="first N steps: copy documents only (an induction head forms first, needles after)")
+    p.add_argument("--warmup-seq", type=int, default=0,
+                   help="copy warm-up at this shorter length, with batch x seq / warmup-seq documents a step")
+    p.add_argument("--copy-max", type=int, default=0, help="longest copied span (0: half the sequence)")
+    p.add_argument("--pack", action="store_true", help="copy documents hold copy episodes until full")
+    p.add_argument("--mask", action="store_true",
+                   help="score copy documents on their repeated half only, and no EOS padding anywhere")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
 
@@ -103,10 +124,16 @@ def main() -> None:
     needles = torch.stack([needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed)
                            for i in range(n_pool)])
     rng = random.Random(args.seed)
-    copy_pool = [copy_block(tok, args.seq, rng, args.copy_kind) for _ in range(n_pool + 16)]
-    copies = torch.tensor([ids for ids, _ in copy_pool[:n_pool]])
-    probe_copies = torch.tensor([ids for ids, _ in copy_pool[n_pool:]])
-    probe_starts = [start for _, start in copy_pool[n_pool:]]
+    train_pool = [copy_block(tok, args.seq, rng, args.copy_kind, args.copy_max, args.pack) for _ in range(n_pool)]
+    probe_pool = [copy_block(tok, args.seq, rng, args.copy_kind) for _ in range(16)]
+    wseq = args.warmup_seq or args.seq
+    warm_pool = [copy_block(tok, wseq, rng, args.copy_kind, args.copy_max, args.pack) for _ in range(n_pool)]
+    warm_copies = torch.tensor([ids for ids, _, _ in warm_pool])
+    warm_labels = torch.tensor([labels for _, labels, _ in warm_pool])
+    copies = torch.tensor([ids for ids, _, _ in train_pool])
+    copy_labels = torch.tensor([labels for _, labels, _ in train_pool])
+    probe_copies = torch.tensor([ids for ids, _, _ in probe_pool])
+    probe_starts = [start for _, _, start in probe_pool]
     ids = torch.tensor(tok("\n".join(texts)[:3_000_000])["input_ids"])
     text = ids[: len(ids) // args.seq * args.seq].view(-1, args.seq)
 
@@ -118,10 +145,21 @@ def main() -> None:
         scale = min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / args.steps))
         for group in opt.param_groups:
             group["lr"] = args.lr * max(scale, 0.1)
-        x = torch.cat([needles[torch.randint(0, n_pool, (k_needle,), generator=g)],
-                       copies[torch.randint(0, n_pool, (k_copy,), generator=g)],
-                       text[torch.randint(0, len(text), (args.batch - k_needle - k_copy,), generator=g)]])
-        loss = model(input_ids=x, labels=x).loss
+        if step < args.copy_warmup:  # copy documents only, at the warm-up length
+            pick = torch.randint(0, n_pool, (args.batch * args.seq // wseq,), generator=g)
+            x = warm_copies[pick]
+            y = warm_labels[pick] if args.mask else x
+        else:
+            pick_n = torch.randint(0, n_pool, (k_needle,), generator=g)
+            pick_c = torch.randint(0, n_pool, (k_copy,), generator=g)
+            x = torch.cat([needles[pick_n], copies[pick_c],
+                           text[torch.randint(0, len(text), (args.batch - k_needle - k_copy,), generator=g)]])
+            y = x.clone()
+            if args.mask:
+                y[k_needle:k_needle + k_copy] = copy_labels[pick_c]
+                ended = torch.cumsum((x[:k_needle] == tok.eos_token_id).long(), dim=1) > 1  # after the needle's EOS
+                y[:k_needle][ended] = -100
+        loss = model(input_ids=x, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
