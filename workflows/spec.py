@@ -59,6 +59,20 @@ class PretrainSpec:
     """LlamaConfig overrides for the random-init model (hidden_size, num_hidden_layers, ...)."""
     train: dict = field(default_factory=dict)
     """RecalibrateConfig fields for the pretraining run (steps, lr, global_batch, ...)."""
+    tokenizer: str = "bytes"
+    """bytes (258 tokens) or bpe: a byte-level BPE trained on data.source's train split, digits split."""
+    vocab_size: int = 2048
+    """Size of the bpe tokenizer."""
+    warmup: dict = field(default_factory=dict)
+    """Optional first phase on copy documents only ({} = none): RecalibrateConfig fields plus seq_len,
+    copies (documents) and copy_max_span. A small model learns content-based copying (the induction
+    head NIAH needs) there, not in the mixed data (benchmarks/retrieval_probe.py)."""
+
+    def __post_init__(self):
+        if self.tokenizer not in ("bytes", "bpe"):
+            raise SpecError(f"pretrain.tokenizer={self.tokenizer!r}: choose bytes or bpe")
+        if self.vocab_size < 300:
+            raise SpecError(f"pretrain.vocab_size={self.vocab_size}: give at least 300 (256 bytes + merges)")
 
 
 @dataclass

@@ -3,29 +3,79 @@ lineage starts at step 0. It is the recalibration loop (Ray Train + DeepSpeed) o
 checkpoint; the paper's Section 5.1 setting then drops RoPE near the end of this training.
 
     drope run micro-repro          # runs pretrain -> drop_rope -> recalibrate -> fit_temperature -> evaluate
+
+With `pretrain.tokenizer: bpe` the checkpoint gets a BPE trained on the train split of data.source.
+With `pretrain.warmup` the stage trains twice: first on copy documents alone at a short length (the
+induction head forms there: benchmarks/retrieval_probe.py), then the main phase on data (text,
+needles, copies) from the warm-up's weights. The warm-up's metrics carry the prefix `warmup_`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import tempfile
 
 from drope_ops import debugmodel, storage
+from drope_ops.data import DataConfig, iter_documents
+from drope_ops.errors import SpecError
 from drope_ops.manifest import write_manifest
 from workflows import stage_io
 from workflows.spec import from_dict
 from workflows.stages.recalibrate import RecalibrateConfig, recalibrate
 
+WARMUP_DATA_FIELDS = ("seq_len", "copies", "copy_max_span")
+
+
+class PrefixedSink:
+    """A metrics sink that renames every metric `prefix + name` (picklable, as the sink it wraps)."""
+
+    def __init__(self, sink, prefix: str):
+        self.sink, self.prefix = sink, prefix
+
+    def log_metrics(self, metrics: dict, step: int) -> None:
+        if self.sink is not None:
+            self.sink.log_metrics({self.prefix + k: v for k, v in metrics.items()}, step)
+
+
+def warmup_configs(spec) -> tuple[RecalibrateConfig, DataConfig] | None:
+    """(training, data) of the copy warm-up phase, or None without one."""
+    warm = dict(spec.pretrain.warmup)
+    if not warm:
+        return None
+    data = {k: warm.pop(k) for k in WARMUP_DATA_FIELDS if k in warm}
+    if not data.get("copies"):
+        raise SpecError("pretrain.warmup.copies is missing: give the number of copy documents, e.g. 4000")
+    cfg = from_dict(RecalibrateConfig, {**spec.pretrain.train, **warm}, "pretrain.warmup.")
+    return cfg, dataclasses.replace(spec.data, source="copies", needles=0, **data)
+
+
+def make_tokenizer(spec):
+    """None (the byte-level default) or a BPE trained on the train split of data.source."""
+    if spec.pretrain.tokenizer != "bpe":
+        return None
+    return debugmodel.bpe_tokenizer(iter_documents(spec.data, "train"), spec.pretrain.vocab_size)
+
 
 def pretrain_stage(spec, ctx) -> dict:
     cfg = from_dict(RecalibrateConfig, spec.pretrain.train, "pretrain.train.")
+    warmup = warmup_configs(spec)
     init = tempfile.mkdtemp(dir=stage_io.scratch_root(), prefix="pretrain-init-")
+    ray_storage = storage.join(ctx.run_uri, "ray-train")
     try:
-        debugmodel.make_debug_checkpoint(f"{init}/ckpt", seed=cfg.seed, **spec.pretrain.config)
-        write_manifest(f"{init}/ckpt")
+        start = f"{init}/ckpt"
+        debugmodel.make_debug_checkpoint(start, seed=cfg.seed, tokenizer=make_tokenizer(spec), **spec.pretrain.config)
+        write_manifest(start)
+        if warmup is not None:
+            warm_cfg, warm_data = warmup
+            print(f"[pretrain] warm-up: {warm_cfg.steps} steps on {warm_data.copies} copy documents of "
+                  f"{warm_data.seq_len} tokens", flush=True)
+            recalibrate(warm_cfg, warm_data, start, f"{init}/warm", run_name=f"pretrain-warmup-{ctx.fingerprint[:12]}",
+                        storage_path=ray_storage, metrics_sink=PrefixedSink(ctx.sink, "warmup_"))
+            start = f"{init}/warm"
         with stage_io.output_dir(ctx.output) as out:
-            res = recalibrate(cfg, spec.data, f"{init}/ckpt", str(out), run_name=f"pretrain-{ctx.fingerprint[:12]}",
-                              storage_path=storage.join(ctx.run_uri, "ray-train"), metrics_sink=ctx.sink)
+            res = recalibrate(cfg, spec.data, start, str(out), run_name=f"pretrain-{ctx.fingerprint[:12]}",
+                              storage_path=ray_storage, metrics_sink=ctx.sink)
     finally:
         shutil.rmtree(init, ignore_errors=True)
     return res

@@ -36,6 +36,7 @@ from drope_ops.data import DataConfig, iter_documents, make_sampler, resolve_seq
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
 from drope_ops.manifest import write_manifest
+from drope_ops.needle_data import inputs_and_labels
 
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
 STATE_FILE = "train_state.json"  # step and metric history (rank 0); data_rank{r}.json: each rank's data position
@@ -260,7 +261,8 @@ def train_func(config: dict) -> None:
         loss_sum = torch.zeros((), device=device)
         batch = sampler.next_batch().to(device)  # (global_batch / world, seq_len)
         for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
-            loss = engine(input_ids=micro, labels=micro).loss
+            input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
+            loss = engine(input_ids=input_ids, labels=labels).loss
             engine.backward(loss)
             engine.step()  # DeepSpeed applies the update at the accumulation boundary only
             loss_sum += loss.detach()
@@ -399,7 +401,8 @@ def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str) -> i
                               f"(fetch it first with `drope fetch`)")
     seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(checkpoint_dir))
     # a wrong data.source / data.text_field fails here in one line, not in every Ray Train worker
-    next(iter_documents(data), None)
+    if data.source != "copies":  # synthetic copy documents have no files to check
+        next(iter_documents(data), None)
     return seq_len
 
 
