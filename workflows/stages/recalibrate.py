@@ -301,7 +301,7 @@ def train_func(config: dict) -> None:
         if done % cfg.checkpoint_every == 0 or last:
             with tempfile.TemporaryDirectory(prefix=f"recal-r{rank}-") as d:
                 if done == cfg.steps:  # final logits of the model as trained, for the parity check
-                    probe = micro[:2].cpu()  # any fixed input will do: the last micro batch
+                    probe = input_ids[:2].cpu()  # any fixed input will do: the last micro batch's tokens
                     engine.eval()
                     with torch.no_grad():
                         logits = engine(input_ids=probe.to(device)).logits.float().cpu()
