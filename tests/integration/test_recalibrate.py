@@ -90,6 +90,19 @@ def test_zero2_loss_decreases_and_consolidated_checkpoint_matches(reference):
     assert model.config.max_position_embeddings == 128
 
 
+def test_copy_and_needle_blocks_train_on_their_scored_tokens(ray_local, texts, debug_checkpoint, tmp_path):
+    """The micro reproduction's data: blocks holding ~t (no-loss) entries go through the real loop
+    (decoded to tokens + labels), and the parity probe replays tokens, not the encoded entries."""
+    for data in (DataConfig(source="copies", copies=40, seq_len=64),
+                 data_cfg(needles=0, copies=8, max_tokens=20_000)):
+        res = recalibrate(RecalibrateConfig(**{**BASE, "steps": 4, "checkpoint_every": 4}), data,
+                          str(debug_checkpoint), str(tmp_path / data.source / "out"), run_name=f"copies-{uuid.uuid4().hex[:6]}",
+                          storage_path=str(tmp_path / data.source / "s"))
+        losses = [h["loss"] for h in res["history"]]
+        assert len(losses) == 4 and all(0 < x < 10 for x in losses)
+        assert res["probe_max_abs_diff"] == 0.0
+
+
 def test_exact_resume_after_relaunch_with_same_name(reference, tmp_path, debug_checkpoint):
     storage, out = str(tmp_path / "storage"), str(tmp_path / "out")
     first = recalibrate(RecalibrateConfig(**{**BASE, "stop_after_step": STEPS // 2}), data_cfg(),
