@@ -65,7 +65,7 @@ def main() -> None:
     from drope_ops import assets
     from drope_ops.debugmodel import bpe_tokenizer, byte_level_tokenizer, debug_config
     from drope_ops.evals.niah import evaluate_cell
-    from drope_ops.needle_data import needle_block
+    from drope_ops.needle_data import inputs_and_labels, needle_block
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--tokenizer", choices=["bytes", "bpe"], default="bpe")
@@ -107,8 +107,8 @@ def main() -> None:
     print(f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, vocab {len(tok)}", flush=True)
 
     n_pool = 4000
-    needles = torch.stack([needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed)
-                           for i in range(n_pool)])
+    needles, needle_labels = inputs_and_labels(torch.stack([  # padding after the answer's EOS: ~eos, unscored
+        needle_block(tok, args.seq, task="niah_single_1", index=i, seed=args.seed) for i in range(n_pool)]))
     rng = random.Random(args.seed)
     train_pool = [copy_block(tok, args.seq, rng, args.mix_copy_kind or args.copy_kind, args.copy_max, args.pack)
                   for _ in range(n_pool)]
@@ -143,9 +143,8 @@ def main() -> None:
                            text[torch.randint(0, len(text), (args.batch - k_needle - k_copy,), generator=g)]])
             y = x.clone()
             if args.mask:
+                y[:k_needle] = needle_labels[pick_n]
                 y[k_needle:k_needle + k_copy] = copy_labels[pick_c]
-                ended = torch.cumsum((x[:k_needle] == tok.eos_token_id).long(), dim=1) > 1  # after the needle's EOS
-                y[:k_needle][ended] = -100
         loss = model(input_ids=x, labels=y).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

@@ -30,6 +30,7 @@ from typing import Iterator
 import torch
 
 from drope_ops.errors import SpecError
+from drope_ops.needle_data import add_copies, add_needles
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -95,6 +96,13 @@ def resolve_seq_len(cfg: DataConfig, model_config) -> int:
         raise SpecError(f"data.seq_len={seq_len} is above the model's original context {context}; DroPE "
                         f"recalibrates at C_train: lower it, or set data.allow_longer_than_context=true on purpose")
     return int(seq_len)
+
+
+def check_source(cfg: DataConfig) -> None:
+    """Read the first document, so a wrong source / text_field fails in one line before any worker starts
+    (synthetic copy documents have nothing to read)."""
+    if cfg.source != "copies":
+        next(iter_documents(cfg), None)
 
 
 def _source_files(source: str) -> list[str]:
@@ -198,8 +206,6 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
                 max_blocks: int | None = None) -> torch.Tensor:
     """Packed blocks (N, seq_len) of the train (capped by cfg.max_tokens) or held-out split."""
     if cfg.source == "copies" and split == "train":
-        from drope_ops.needle_data import add_copies
-
         return add_copies(None, tokenizer, seq_len, count=cfg.copies, seed=cfg.seed, max_span=cfg.copy_max_span)
     max_tokens = cfg.max_tokens if split == "train" else None
     blocks = pack_documents(iter_documents(cfg, split), tokenizer, seq_len, max_tokens=max_tokens,
@@ -208,12 +214,8 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
         raise SpecError(f"data.source={cfg.source!r} gives no {split} block of {seq_len} tokens; "
                         f"add text, raise data.max_tokens or lower data.seq_len")
     if split == "train" and cfg.needles:
-        from drope_ops.needle_data import add_needles
-
         blocks = add_needles(blocks, tokenizer, seq_len, count=cfg.needles, task=cfg.needle_task, seed=cfg.seed)
     if split == "train" and cfg.copies:
-        from drope_ops.needle_data import add_copies
-
         blocks = add_copies(blocks, tokenizer, seq_len, count=cfg.copies, seed=cfg.seed, max_span=cfg.copy_max_span)
     return blocks
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from drope_ops.data import DataConfig, iter_documents, make_sampler, resolve_seq_len
+from drope_ops.data import DataConfig, check_source, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
 from drope_ops.manifest import write_manifest
@@ -400,9 +400,7 @@ def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str) -> i
         raise CheckpointError(f"{checkpoint_dir} has no config.json; give a local checkpoint directory "
                               f"(fetch it first with `drope fetch`)")
     seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(checkpoint_dir))
-    # a wrong data.source / data.text_field fails here in one line, not in every Ray Train worker
-    if data.source != "copies":  # synthetic copy documents have no files to check
-        next(iter_documents(data), None)
+    check_source(data)  # a wrong data.source / data.text_field fails here, not in every Ray Train worker
     return seq_len
 
 
