@@ -8,13 +8,17 @@ node at hand, so a spec written on one machine stays right on another.
 
 from __future__ import annotations
 
+import typing
 from functools import lru_cache
+from typing import Literal
 
 import torch
 
 from drope_ops.errors import SpecError
 
-DTYPE_CHOICES = ("auto", "float32", "bfloat16")
+Dtype = Literal["auto", "float32", "bfloat16"]
+"""A compute dtype as a spec names it: auto (chosen for the node), float32 or bfloat16."""
+DTYPE_CHOICES = typing.get_args(Dtype)
 
 
 @lru_cache(maxsize=1)
