@@ -17,7 +17,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from drope_ops import manifest as mf
-from drope_ops import storage
+from drope_ops import storage_base
 
 
 class RangedDownload:
@@ -34,8 +34,8 @@ class RangedDownload:
         """files: the manifest's table (name -> sha256, size); stats: a TransferStats to add to."""
         self.uri, self.files, self.stage, self.stats, self.on_chunk = uri, files, stage, stats, on_chunk
         self.chunk, self.concurrency = chunk, concurrency
-        self.bucket, self.base = storage.split_s3(uri)
-        self.client = storage.s3_client(max_pool_connections=concurrency * 2)
+        self.bucket, self.base = storage_base.split_s3(uri)
+        self.client = storage_base.s3_client(max_pool_connections=concurrency * 2)
         self.lock = threading.Lock()
         self.remaining: dict[str, int] = {}
         self.journals: dict[str, int] = {}  # rel -> O_APPEND fd (unbuffered: a line is on disk or not)
@@ -96,7 +96,7 @@ class RangedDownload:
         key = f"{self.base}/{rel}" if self.base else rel
         got = 0
         if start <= end:
-            resp = storage._s3_call(self.uri, self.client.get_object, Bucket=self.bucket, Key=key,
+            resp = storage_base.s3_call(self.uri, self.client.get_object, Bucket=self.bucket, Key=key,
                                     Range=f"bytes={start}-{end}")
             fd = os.open(part, os.O_WRONLY)
             try:

@@ -21,7 +21,7 @@ from typing import Callable
 from tqdm.auto import tqdm
 
 from drope_ops import manifest as mf
-from drope_ops import storage
+from drope_ops import storage_base
 from drope_ops.errors import CheckpointError, DropeError, StorageError
 from drope_ops.ranged_get import RangedDownload
 
@@ -104,7 +104,7 @@ def download_checkpoint(uri: str, manifest: dict, dest: Path, *, progress: bool 
         dest.parent.mkdir(parents=True, exist_ok=True)
         done, stage = _prepare_local_dest(dest, digest)
     except OSError as e:
-        raise storage.disk_error(e, dest) from None
+        raise storage_base.disk_error(e, dest) from None
     if done:
         log.info("%s is complete (%d files): nothing to transfer", dest, len(manifest["files"]))
         return TransferStats()
@@ -126,7 +126,7 @@ def download_checkpoint(uri: str, manifest: dict, dest: Path, *, progress: bool 
         raise
     except OSError as e:
         shutil.rmtree(stage, ignore_errors=True)
-        raise storage.disk_error(e, dest) from None
+        raise storage_base.disk_error(e, dest) from None
     log.info("fetched %d files, %.1f MB into %s", stats.files, stats.bytes / 1e6, dest)
     return stats
 
@@ -134,7 +134,7 @@ def download_checkpoint(uri: str, manifest: dict, dest: Path, *, progress: bool 
 def _fetch_files(uri, manifest, rels, stage, stats, progress, on_chunk) -> list[str]:
     """Fetch `rels` into stage; returns the ones whose sha256 did not match (their parts removed)."""
     files = manifest["files"]
-    if not storage.is_s3(uri):
+    if not storage_base.is_s3(uri):
         bad = []
         for rel in tqdm(rels, desc="copy", unit="file", disable=not progress):
             out = stage / rel
@@ -159,7 +159,7 @@ def _fetch_files(uri, manifest, rels, stage, stats, progress, on_chunk) -> list[
 
 def publish(files: dict[str, Path], manifest: dict, uri: str, *, progress: bool = False) -> TransferStats:
     """Write local `files` (relative name -> path) as the checkpoint `uri`, manifest last."""
-    if not storage.is_s3(uri):
+    if not storage_base.is_s3(uri):
         src_root = {rel: p for rel, p in files.items()}
         return _publish_local(src_root, manifest, Path(uri), progress)
     return _publish_s3(files, manifest, uri, progress)
@@ -185,7 +185,7 @@ def _publish_local(files, manifest, dest: Path, progress) -> TransferStats:
         return stats
     except OSError as e:
         shutil.rmtree(staging_dir(dest), ignore_errors=True)
-        raise storage.disk_error(e, dest) from None
+        raise storage_base.disk_error(e, dest) from None
     except DropeError:
         shutil.rmtree(staging_dir(dest), ignore_errors=True)
         raise
@@ -194,20 +194,20 @@ def _publish_local(files, manifest, dest: Path, progress) -> TransferStats:
 def _publish_s3(files, manifest, uri, progress) -> TransferStats:
     from boto3.s3.transfer import TransferConfig, create_transfer_manager
 
-    bucket, base = storage.split_s3(uri)
-    client = storage.s3_client(max_pool_connections=CONCURRENCY * 2)
+    bucket, base = storage_base.split_s3(uri)
+    client = storage_base.s3_client(max_pool_connections=CONCURRENCY * 2)
     key = lambda rel: f"{base}/{rel}" if base else rel  # noqa: E731
-    old = storage.read_checkpoint_manifest(uri)
+    old = storage_base.read_checkpoint_manifest(uri)
     if old is not None and mf.manifest_digest(old) == mf.manifest_digest(manifest) \
-            and storage.checkpoint_complete(uri):
+            and storage_base.checkpoint_complete(uri):
         return TransferStats()
     if old is not None:  # being rewritten: the prefix is incomplete until the new manifest lands
-        storage._s3_call(uri, client.delete_object, Bucket=bucket, Key=key(mf.MANIFEST_NAME))
-    sizes = storage._s3_sizes(uri)
+        storage_base.s3_call(uri, client.delete_object, Bucket=bucket, Key=key(mf.MANIFEST_NAME))
+    sizes = storage_base.s3_sizes(uri)
     todo = []
     for rel, meta in manifest["files"].items():
         if sizes.get(rel) == meta["size"]:
-            head = storage._s3_call(uri, client.head_object, Bucket=bucket, Key=key(rel))
+            head = storage_base.s3_call(uri, client.head_object, Bucket=bucket, Key=key(rel))
             if head.get("Metadata", {}).get("sha256") == meta["sha256"]:
                 continue
         todo.append(rel)
@@ -225,9 +225,9 @@ def _publish_s3(files, manifest, uri, progress) -> TransferStats:
                              extra_args={"Metadata": {"sha256": manifest["files"][rel]["sha256"]}})
                    for rel in todo]
         for f in futures:
-            storage._s3_call(uri, f.result)
+            storage_base.s3_call(uri, f.result)
     bar.close()
     body = json.dumps(manifest, indent=1, sort_keys=True).encode()
-    storage._s3_call(uri, client.put_object, Bucket=bucket, Key=key(mf.MANIFEST_NAME), Body=body)
+    storage_base.s3_call(uri, client.put_object, Bucket=bucket, Key=key(mf.MANIFEST_NAME), Body=body)
     log.info("uploaded %d files, %.1f MB to %s", stats.files, stats.bytes / 1e6, uri)
     return stats
