@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from drope_ops.data import token_budget
+from drope_ops.errors import DropeError
 from workflows.pipeline import stage_names
 from workflows.spec import WorkflowSpec
 
@@ -33,6 +35,7 @@ def describe(spec: WorkflowSpec) -> str:
         flops = 6 * params * tokens
         lines.append(f"      ~{flops:.2e} FLOPs ~ {flops / (GPU_PEAK_FLOPS * MFU) / 3600:.1f} GPU-hours "
                      f"(H100 bf16 at {MFU:.0%} MFU)")
+    lines += _data_lines(spec, seq)
     t = spec.fit_temperature
     lines.append(f"  fit_temperature: extension factors {t.extension_factors}, <= {t.max_evals} loss evaluations each")
     e = spec.evaluate
@@ -40,3 +43,18 @@ def describe(spec: WorkflowSpec) -> str:
                  f"({len(e.variants) * len(e.tasks) * len(e.extension_factors)} parallel units)")
     lines.append(f"  storage: {spec.storage.root or '$DROPE_HOME/runs'}   tracking: {spec.tracking.uri or 'embedded sqlite'}")
     return "\n".join(lines)
+
+
+def _data_lines(spec: WorkflowSpec, seq: int) -> list[str]:
+    """The token budget of recalibrate against data.source, and data.max_epochs' refusal as a warning."""
+    r = spec.recalibrate
+    if not seq or not r.steps:
+        return []
+    try:
+        budget = token_budget(spec.data, steps=r.steps, global_batch=r.global_batch, seq_len=seq)
+    except DropeError as e:  # a source the plan cannot size (missing path...): say so, the run will refuse it
+        return [f"  data: WARNING: {e}"]
+    lines = [f"  data: {budget.line()}"]
+    if reason := budget.refusal():
+        lines.append(f"  WARNING: {reason}")
+    return lines
