@@ -282,32 +282,34 @@ def _text_bytes(cfg: DataConfig) -> int:
     if kind == "text":
         return sum(os.path.getsize(f) for f in files)
     if kind == "parquet":
-        import pyarrow.parquet as pq
+        return sum(_parquet_column_bytes(f, cfg.text_field) for f in files)
+    return int(sum(os.path.getsize(f) for f in files) * _json_text_share(files[0], cfg.text_field))
 
-        total = 0
-        for f in files:
-            meta = pq.ParquetFile(f).metadata
-            for g in range(meta.num_row_groups):
-                group = meta.row_group(g)
-                total += sum(group.column(c).total_uncompressed_size for c in range(group.num_columns)
-                             if group.column(c).path_in_schema == cfg.text_field)
-        return total
-    # json lines: the text column's share of the first MiB of the first file, scaled to all files
+
+def _parquet_column_bytes(path: str, column: str) -> int:
+    import pyarrow.parquet as pq
+
+    meta = pq.ParquetFile(path).metadata
+    return sum(meta.row_group(g).column(c).total_uncompressed_size for g in range(meta.num_row_groups)
+               for c in range(meta.num_columns) if meta.row_group(g).column(c).path_in_schema == column)
+
+
+def _json_text_share(path: str, field: str) -> float:
+    """The text column's share of the bytes of the first MiB of a JSON-lines file (1.0 for whole-file JSON)."""
     import json
 
     seen = text = 0
-    with open(files[0], "rb") as fh:
+    with open(path, "rb") as fh:
         for line in fh:
             seen += len(line)
             try:
                 row = json.loads(line)
-                text += len(str(row.get(cfg.text_field, "")).encode()) if isinstance(row, dict) else 0
-            except ValueError:  # a whole-file JSON document: count it all
-                text = seen = 1
-                break
+            except ValueError:  # a whole-file JSON document
+                return 1.0
+            text += len(str(row.get(field, "")).encode()) if isinstance(row, dict) else 0
             if seen >= 1 << 20:
                 break
-    return int(sum(os.path.getsize(f) for f in files) * (text / seen if seen else 1.0))
+    return text / seen if seen else 1.0
 
 
 def _tokens_per_byte(cfg: DataConfig, tokenizer) -> float:
@@ -403,7 +405,7 @@ def token_budget(cfg: DataConfig, *, steps: int, global_batch: int, seq_len: int
         nbytes = _text_bytes(cfg)
         total = int(nbytes * _tokens_per_byte(cfg, tokenizer))
         available = int(total * keep)
-        how = f"estimated from {nbytes / 1e6:.1f} MB of text" + ("" if tokenizer else f" at {BYTES_PER_TOKEN:g} bytes a token")
+        how = f"estimated from {_fmt_tokens(nbytes)} bytes of text" + ("" if tokenizer else f" at {BYTES_PER_TOKEN:g} bytes a token")
     if not cfg.is_streaming:  # load_blocks' cap and additions (the streaming sampler reads text only)
         if cfg.max_tokens is not None and cfg.max_tokens < available:
             available, how = cfg.max_tokens, "capped by data.max_tokens"
