@@ -340,7 +340,7 @@ class TokenBudget:
     total: int | None
     """Tokens the source holds before the held-out split (None = unknown)."""
     how: str
-    """Where `available` comes from: "given", "published size", "estimated from N MB of text", "capped by data.max_tokens", ..."""
+    """Where `available` comes from: "given", "published size", "estimated from N bytes of text", "capped by data.max_tokens", ..."""
     max_epochs: int | None
     stage: str = "recalibrate"
 
