@@ -30,19 +30,92 @@ def text_data(tmp_path_factory):
     return DataConfig(source=str(root), heldout_docs=4)
 
 
+def _hf_loss(model, blocks) -> float:
+    """Mean next-token cross-entropy by transformers' own loss (labels = inputs), not drope_ops'."""
+    import torch
+
+    with torch.no_grad():
+        losses = [model(input_ids=row.view(1, -1), labels=row.view(1, -1)).loss.item() for row in blocks]
+    return sum(losses) / len(losses)
+
+
+def _with_static_scale(checkpoint, scale):
+    """The DroPE checkpoint with a fixed logit scale and no dynamic one: the model the fit evaluates."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype="float32").eval()
+    model.config.logit_scale, model.config.logit_scale_c = model.config.logit_scale * float(scale), None
+    return model
+
+
 def test_fit_temperature_writes_the_fitted_checkpoint(drope_checkpoint, text_data, tmp_path):
-    cfg = TemperatureConfig(extension_factors=[2], sequences_per_length=1, max_evals=4)
+    import hashlib
+    import math
+
+    import numpy as np
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from drope_ops.data import heldout_blocks
+
+    cfg = TemperatureConfig(extension_factors=[2, 4], sequences_per_length=1, max_evals=4, bounds=[0.5, 3.0])
     logged = []
     sink = type("Sink", (), {"log_metrics": lambda self, m, step: logged.append((m, step))})()
     res = fit_temperature(cfg, text_data, str(drope_checkpoint), str(tmp_path / "fitted"), metrics_sink=sink)
     out = tmp_path / "fitted"
+    assert res["output"] == str(out) and sorted(res["betas"]) == [2.0, 4.0]
+    c_train = json.loads((drope_checkpoint / "config.json").read_text())["original_max_position_embeddings"]
+    assert res["lengths"] == {2.0: 2 * c_train, 4.0: 4 * c_train}
+    assert all(0.5 <= b <= 3.0 for b in res["betas"].values())
+
+    # c: least squares of beta - 1 = c ln s, through numpy (not drope_ops.temperature)
+    ln_s = np.log([2.0, 4.0])[:, None]
+    (c_np,), *_ = np.linalg.lstsq(ln_s, np.array([res["betas"][2.0], res["betas"][4.0]]) - 1, rcond=None)
+    assert res["c"] == pytest.approx(c_np, rel=1e-9, abs=1e-12)
+
+    # each loss is transformers' loss of the checkpoint at that beta, on held-out text of that length
+    tok = AutoTokenizer.from_pretrained(drope_checkpoint)
+    for s in (2.0, 4.0):
+        blocks = heldout_blocks(text_data, tok, res["lengths"][s], 1)
+        assert res["losses"][s] == pytest.approx(_hf_loss(_with_static_scale(drope_checkpoint, res["betas"][s]), blocks),
+                                                 rel=1e-4)
+
+    # the fitted checkpoint: same config but logit_scale_c = c, byte-identical weights, fresh manifest
+    src_config = json.loads((drope_checkpoint / "config.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    assert config["logit_scale_c"] == pytest.approx(res["c"])
-    assert res["c"] == pytest.approx((res["betas"][2.0] - 1) / 0.6931471805599453)
+    assert config["logit_scale_c"] == res["c"]
+    assert {k: v for k, v in config.items() if k != "logit_scale_c"} == \
+        {k: v for k, v in src_config.items() if k != "logit_scale_c"}
+    digest = lambda p: hashlib.sha256(p.read_bytes()).hexdigest()  # noqa: E731
+    weights = sorted(p.name for p in drope_checkpoint.glob("*.safetensors"))
+    assert weights and sorted(p.name for p in out.glob("*.safetensors")) == weights
+    assert all(digest(out / w) == digest(drope_checkpoint / w) for w in weights)
     assert verify_manifest(out) == []
-    assert (out / "model.safetensors").stat().st_ino == (drope_checkpoint / "model.safetensors").stat().st_ino
-    assert any("beta" in m for m, _ in logged) and any("logit_scale_c" in m for m, _ in logged)
+    fit_file = json.loads((out / "temperature_fit.json").read_text())
+    assert fit_file["c"] == res["c"] and [f["beta"] for f in fit_file["fits"]] == [res["betas"][2.0], res["betas"][4.0]]
+    for f in fit_file["fits"]:  # beta is the best of the (<= max_evals) losses evaluated
+        assert 1 <= len(f["evals"]) <= 4 and min(f["evals"], key=lambda e: e[1])[0] == f["beta"]
     assert not list(tmp_path.glob(".fitted.partial-*"))
+
+    # loaded, it applies beta(L) = max(1, 1 + c ln(L / C_train)) by itself (DropeConfig's rule):
+    # logits equal the unfitted model's with that static scale, and are unchanged up to C_train
+    fitted = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
+    assert fitted.config.logit_scale_c == pytest.approx(res["c"])
+    ids = heldout_blocks(text_data, tok, 4 * c_train, 1)[0]
+    with torch.no_grad():
+        for length in (c_train // 2, c_train, 2 * c_train, 4 * c_train):
+            x = ids[:length].view(1, -1)
+            beta = max(1.0, 1.0 + res["c"] * math.log(length / c_train)) if length > c_train else 1.0
+            expected = _with_static_scale(drope_checkpoint, beta)(input_ids=x).logits
+            assert torch.allclose(fitted(input_ids=x).logits, expected, atol=1e-5), length
+            if beta != 1.0:  # the scale makes a difference the check could see
+                assert not torch.allclose(_with_static_scale(drope_checkpoint, 1.0)(input_ids=x).logits, expected,
+                                          atol=1e-3), length
+
+    # the metrics logged per length, then c
+    assert [m for m, _ in logged[:2]] == [
+        {"beta": res["betas"][s], "heldout_loss": res["losses"][s], "length": res["lengths"][s]} for s in (2.0, 4.0)]
+    assert logged[-1] == ({"logit_scale_c": res["c"]}, 2)
 
 
 def test_units_are_plain_and_evaluate_writes_outputs(debug_checkpoint, drope_checkpoint, text_data, tmp_path):
