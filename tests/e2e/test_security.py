@@ -97,9 +97,28 @@ class EvilModel(LlamaForCausalLM):
 '''
 
 
+def _assert_clean_drope_checkpoint(path: Path, marker: Path) -> None:
+    """A drop-rope output: no Python, no auto_map, a DroPE config, a verifying manifest, and it loads
+    with plain transformers (no trust_remote_code) without running the planted module."""
+    from transformers import AutoModelForCausalLM
+
+    import drope_ops  # noqa: F401  (registers model_type "drope")
+    from drope_ops.manifest import verify_manifest
+
+    assert not list(path.rglob("*.py")), sorted(p.name for p in path.iterdir())
+    config = json.loads((path / "config.json").read_text())
+    assert "auto_map" not in config and config["model_type"] == "drope"
+    assert verify_manifest(path) == []
+    AutoModelForCausalLM.from_pretrained(path)
+    assert not marker.exists(), f"{path.name}: loading it ran the planted code"
+
+
 def test_fetched_python_never_executes(tmp_path, debug_checkpoint):
     """A checkpoint that ships modeling_evil.py and an auto_map pointing at it: fetch (even with
     --allow-code, which copies the file) and drop_rope load it as data; the module never runs."""
+    import subprocess
+    import sys
+
     marker = tmp_path / "EXECUTED"
     src = tmp_path / "evil-src"
     shutil.copytree(debug_checkpoint, src)
@@ -112,17 +131,41 @@ def test_fetched_python_never_executes(tmp_path, debug_checkpoint):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
            "HF_MODULES_CACHE": str(tmp_path / "hf-modules")}
 
+    # control: the planted module does leave its mark when something runs it, so its absence means it never ran
+    control = tmp_path / "CONTROL"
+    (tmp_path / "control_evil.py").write_text(EVIL_MODULE.format(marker=str(control)))
+    subprocess.run([sys.executable, str(tmp_path / "control_evil.py")], env=env, check=True, timeout=300)
+    assert control.read_text() == "executed"
+
     for flags, dest in (([], tmp_path / "fetched"), (["--allow-code"], tmp_path / "fetched-code")):
         proc = run_drope(["fetch", str(src), str(dest), "--no-progress", *flags], env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         if not flags:  # the default keeps code out of the checkpoint altogether
             assert not list(dest.glob("*.py"))
             assert "auto_map" not in json.loads((dest / "config.json").read_text())
-        proc = run_drope(["drop-rope", str(dest), str(tmp_path / f"{dest.name}-drope")], env, timeout=300)
+        else:  # --allow-code copies the code and its auto_map, as data
+            assert sorted(p.name for p in dest.glob("*.py")) == ["configuration_evil.py", "modeling_evil.py"]
+            assert json.loads((dest / "config.json").read_text())["auto_map"] == cfg["auto_map"]
+        assert not marker.exists(), f"fetch {flags}: the checkpoint's Python code ran"
+        out = tmp_path / f"{dest.name}-drope"
+        proc = run_drope(["drop-rope", str(dest), str(out)], env, timeout=300)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert not marker.exists(), f"{dest.name}: the checkpoint's Python code ran"
-    # drop_rope straight off the source dir (code and auto_map present) must not run it either
-    proc = run_drope(["drop-rope", str(src), str(tmp_path / "direct-drope")], env, timeout=300)
+        _assert_clean_drope_checkpoint(out, marker)
+
+    # drop_rope straight off the source dir (code and auto_map present): it either transforms the
+    # weights as data (today) or refuses in one line naming the custom code; never any other failure
+    out = tmp_path / "direct-drope"
+    proc = run_drope(["drop-rope", str(src), str(out)], env, timeout=300)
     assert not marker.exists(), "drop-rope ran the source checkpoint's Python code"
-    assert proc.returncode == 0 or "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    if proc.returncode == 0:
+        _assert_clean_drope_checkpoint(out, marker)
+    else:
+        from drope_ops.errors import CheckpointError
+
+        assert proc.returncode == CheckpointError.exit_code and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        refusal = [ln for ln in proc.stderr.splitlines() if ln.startswith("drope drop-rope: error: ")]
+        assert len(refusal) == 1 and ("auto_map" in refusal[0] or ".py" in refusal[0]), proc.stderr[-3000:]
+        assert not out.exists()
     assert not list((tmp_path / "hf-modules").rglob("*evil*"))  # not even copied into transformers' module cache
+    assert not marker.exists()
