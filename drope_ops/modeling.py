@@ -17,6 +17,8 @@ current key length (the paper's fitted softmax temperature, Section C.2; c = 0.1
 from __future__ import annotations
 
 import math
+import typing
+from typing import Literal
 
 import torch
 from huggingface_hub.dataclasses import strict
@@ -33,8 +35,12 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-QK_NORM_CHOICES = ("none", "qk", "q")
-QK_NORM_SCOPES = ("full", "head")
+QkNorm = Literal["none", "qk", "q"]
+"""QK-norm after dropping RoPE: none, on q and k (the paper), or on q only."""
+QkNormScope = Literal["full", "head"]
+"""full: RMSNorm over num_heads*head_dim (the paper); head: per-head RMSNorm (Qwen3)."""
+QK_NORM_CHOICES = typing.get_args(QkNorm)
+QK_NORM_SCOPES = typing.get_args(QkNormScope)
 
 
 @strict

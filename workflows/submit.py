@@ -20,6 +20,7 @@ import yaml
 
 from drope_ops.errors import DropeError
 from workflows.ledger import Ledger
+from workflows.runs import remember
 
 # Non-secret environment the driver on the cluster needs to find the same services as the submitter.
 PASSED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -82,9 +83,7 @@ def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
             time.sleep(2)
     run.update(submissions=n, submission_id=submission_id, address=address)
     ledger.write_run(run)
-    from workflows.commands.workflow import _remember
-
-    _remember(run_id, run_uri, address=address, submission_id=submission_id)
+    remember(run_id, run_uri, address=address, submission_id=submission_id)
     return submission_id
 
 

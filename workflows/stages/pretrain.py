@@ -8,6 +8,8 @@ With `pretrain.tokenizer: bpe` the checkpoint gets a BPE trained on the train sp
 With `pretrain.warmup` the stage trains twice: first on copy documents alone at a short length (the
 induction head forms there: benchmarks/retrieval_probe.py), then the main phase on data (text,
 needles, copies) from the warm-up's weights. The warm-up's metrics carry the prefix `warmup_`.
+The random init and the warm-up's weights are published to the run's storage before the Ray Train
+workers read them, so no worker depends on the disk of the node this stage runs on.
 """
 
 from __future__ import annotations
@@ -15,16 +17,45 @@ from __future__ import annotations
 import dataclasses
 import shutil
 import tempfile
+from dataclasses import dataclass, field
+from typing import Literal
 
 from drope_ops import debugmodel, storage
+from drope_ops.choices import check_choices
 from drope_ops.data import DataConfig, iter_documents
 from drope_ops.errors import SpecError
 from drope_ops.manifest import write_manifest
 from workflows import stage_io
-from workflows.spec import from_dict
-from workflows.stages.recalibrate import RecalibrateConfig, recalibrate
+from workflows.config import from_dict
+from workflows.stage import SOURCE, Stage
+from workflows.stages.recalibrate import RecalibrateConfig, recalibrate, report_training
 
 WARMUP_DATA_FIELDS = ("seq_len", "copies", "copy_max_span")
+
+
+@dataclass
+class PretrainSpec:
+    """Optional stage 0 (the micro reproduction): train a small RoPE Llama from random init first."""
+
+    enabled: bool = False
+    """Run the pretrain stage; model.source is then ignored."""
+    config: dict = field(default_factory=dict)
+    """LlamaConfig overrides for the random-init model (hidden_size, num_hidden_layers, ...)."""
+    train: dict = field(default_factory=dict)
+    """RecalibrateConfig fields for the pretraining run (steps, lr, global_batch, ...)."""
+    tokenizer: Literal["bytes", "bpe"] = "bytes"
+    """bytes (258 tokens) or bpe: a byte-level BPE trained on data.source's train split, digits split."""
+    vocab_size: int = 2048
+    """Size of the bpe tokenizer."""
+    warmup: dict = field(default_factory=dict)
+    """Optional first phase on copy documents only ({} = none): RecalibrateConfig fields plus seq_len,
+    copies (documents) and copy_max_span. A small model learns content-based copying (the induction
+    head NIAH needs) there, not in the mixed data (benchmarks/retrieval_probe.py)."""
+
+    def __post_init__(self):
+        check_choices(self, "pretrain")
+        if self.vocab_size < 300:
+            raise SpecError(f"pretrain.vocab_size={self.vocab_size}: give at least 300 (256 bytes + merges)")
 
 
 class PrefixedSink:
@@ -57,25 +88,44 @@ def make_tokenizer(spec):
     return debugmodel.bpe_tokenizer(iter_documents(spec.data, "train"), spec.pretrain.vocab_size)
 
 
+def _published(local_dir: str, ctx, name: str) -> str:
+    """The checkpoint at local_dir as the workers should see it: on S3 storage, uploaded next to the
+    stage's output (<output>-<name>); on local storage, the local path."""
+    if not stage_io.is_remote(ctx.output):
+        return local_dir
+    uri = f"{ctx.output.rstrip('/')}-{name}"
+    storage.put_checkpoint(local_dir, uri)
+    return uri
+
+
 def pretrain_stage(spec, ctx) -> dict:
     cfg = from_dict(RecalibrateConfig, spec.pretrain.train, "pretrain.train.")
     warmup = warmup_configs(spec)
     init = tempfile.mkdtemp(dir=stage_io.scratch_root(), prefix="pretrain-init-")
     ray_storage = storage.join(ctx.run_uri, "ray-train")
     try:
-        start = f"{init}/ckpt"
-        debugmodel.make_debug_checkpoint(start, seed=cfg.seed, tokenizer=make_tokenizer(spec), **spec.pretrain.config)
-        write_manifest(start)
+        debugmodel.make_debug_checkpoint(f"{init}/ckpt", seed=cfg.seed, tokenizer=make_tokenizer(spec),
+                                         **spec.pretrain.config)
+        write_manifest(f"{init}/ckpt")
+        start = _published(f"{init}/ckpt", ctx, "init")
         if warmup is not None:
             warm_cfg, warm_data = warmup
             print(f"[pretrain] warm-up: {warm_cfg.steps} steps on {warm_data.copies} copy documents of "
                   f"{warm_data.seq_len} tokens", flush=True)
             recalibrate(warm_cfg, warm_data, start, f"{init}/warm", run_name=f"pretrain-warmup-{ctx.fingerprint[:12]}",
                         storage_path=ray_storage, metrics_sink=PrefixedSink(ctx.sink, "warmup_"))
-            start = f"{init}/warm"
+            start = _published(f"{init}/warm", ctx, "warmup")
         with stage_io.output_dir(ctx.output) as out:
             res = recalibrate(cfg, spec.data, start, str(out), run_name=f"pretrain-{ctx.fingerprint[:12]}",
                               storage_path=ray_storage, metrics_sink=ctx.sink)
     finally:
         shutil.rmtree(init, ignore_errors=True)
     return res
+
+
+def run(spec, ctx) -> dict:
+    return report_training(ctx, pretrain_stage(spec, ctx))
+
+
+STAGE = Stage(name="pretrain", run=run, sections=("pretrain", "data"), role=SOURCE, logged_model="pretrained",
+              dataset_context="training", label="pretrained (step 0)", enabled=lambda spec: spec.pretrain.enabled)

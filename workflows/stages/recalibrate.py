@@ -1,4 +1,9 @@
-"""Stage: recalibrate a DroPE (or any Llama-family) checkpoint at its original context length.
+"""Stage recalibrate: train a DroPE (or any Llama-family) checkpoint at its original context length.
+
+    drope recalibrate CKPT OUT --preset debug --run-name r1 --storage /tmp/ray-results   # alone
+    # Python:
+    recalibrate(RecalibrateConfig(steps=20, global_batch=8, micro_batch=2, num_workers=2),
+                DataConfig(source="shakespeare"), "ckpt/", "out/", run_name="r1", storage_path="/tmp/rr")
 
 DeepSpeed ZeRO 1/2/3 inside Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU), resumable to
 the exact step: every `checkpoint_every` steps each rank saves its DeepSpeed shard, the data position
@@ -6,13 +11,12 @@ and its RNG states and reports them with ray.train.report; a relaunch with the s
 `storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. The
 end is a consolidated safetensors checkpoint (zero_to_fp32) with tokenizer and sha256 manifest.
 
-    drope recalibrate CKPT OUT --preset debug --run-name r1 --storage /tmp/ray-results
-    # Python:
-    recalibrate(RecalibrateConfig(steps=20, global_batch=8, micro_batch=2, num_workers=2),
-                DataConfig(source="shakespeare"), "ckpt/", "out/", run_name="r1", storage_path="/tmp/rr")
+Workers are handed the input checkpoint's URI, never a path of the node that launched them: each
+materializes it on its own node (stage_io.materialize, cached per node, verified by manifest).
 
-Read top to bottom: spec + presets, schedule, DeepSpeed config, the worker loop (`train_func`),
-consolidation, and `recalibrate`, which validates everything before any worker starts.
+Read top to bottom: config + presets, schedule, DeepSpeed config, the worker's named steps (build,
+restore, train_step, check_guard_rails, save, probe) and their loop `train_func`, consolidation,
+`recalibrate` (validates everything before any worker starts), and the stage's `run`.
 """
 
 from __future__ import annotations
@@ -27,25 +31,43 @@ import signal
 import tempfile
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import torch
 
+from drope_ops.choices import check_choices
+from drope_ops import storage
 from drope_ops.data import DataConfig, check_source, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
 from drope_ops.manifest import write_manifest
 from drope_ops.needle_data import inputs_and_labels
+from workflows import stage_io
+from workflows.config import load_tree, preset_names
+from workflows.stage import Stage
 
 DS_TAG = "ds"  # DeepSpeed checkpoint tag inside every reported checkpoint directory
 STATE_FILE = "train_state.json"  # step and metric history (rank 0); data_rank{r}.json: each rank's data position
-PROBE_FILE = "probe_logits.pt"
-GUARD_MARK = "DROPE_GUARD: "  # prefix of a guard-rail stop raised in the workers, parsed by the driver  # final in-training logits on a fixed batch (rank 0), for the parity check
+PROBE_FILE = "probe_logits.pt"  # final in-training logits on a fixed batch (rank 0), for the parity check
+
+Schedule = Literal["cosine", "wsd"]
+ZeroStage = Literal[1, 2, 3]
 
 
 class TrainingDivergedError(DropeError):
-    """The loss went NaN / inf or spiked; the run stopped, its last good checkpoint kept."""
+    """The loss went NaN / inf or spiked; the run stopped, its last good checkpoint kept.
+
+    Raised in a Ray Train worker and re-raised by `recalibrate` as the same object (Ray Train hands
+    the driver each worker's exception); `step` is the step whose loss tripped the guard rail."""
+
+    def __init__(self, message: str, step: int = 0):
+        super().__init__(message)
+        self.step = step
+
+    def __reduce__(self):
+        return (type(self), (str(self), self.step))
 
 
 @dataclass
@@ -62,7 +84,7 @@ class RecalibrateConfig:
     """GPU workers (nccl, bf16) or CPU workers (gloo, fp32)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; also its torch thread count."""
-    zero_stage: int = 2
+    zero_stage: ZeroStage = 2
     """DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO-Offload)."""
@@ -72,7 +94,7 @@ class RecalibrateConfig:
     """Peak learning rate (paper: 1e-3 with QK-norm, 3e-4 without)."""
     warmup_steps: int = 2
     """Linear warmup from 0 to lr over this many steps."""
-    schedule: str = "cosine"
+    schedule: Schedule = "cosine"
     """"cosine" (to min_lr_ratio * lr) or "wsd" (warmup, stable, linear decay over decay_fraction)."""
     min_lr_ratio: float = 0.1
     """Final lr as a fraction of the peak."""
@@ -108,6 +130,7 @@ class RecalibrateConfig:
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
+        check_choices(self, "recalibrate")
         positive = {"steps": self.steps, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
                     "num_workers": self.num_workers, "checkpoint_every": self.checkpoint_every,
                     "metrics_every": self.metrics_every}
@@ -119,12 +142,8 @@ class RecalibrateConfig:
                             f"micro_batch = {self.num_workers * self.micro_batch}; pick a multiple of it")
         if not self.lr > 0:
             raise SpecError(f"recalibrate.lr={self.lr} must be > 0 (paper: 1e-3 with QK-norm)")
-        if self.zero_stage not in (1, 2, 3):
-            raise SpecError(f"recalibrate.zero_stage={self.zero_stage} must be 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
-        if self.schedule not in ("cosine", "wsd"):
-            raise SpecError(f"recalibrate.schedule={self.schedule!r} must be 'cosine' or 'wsd'")
         if not 0 <= self.warmup_steps < self.steps:
             raise SpecError(f"recalibrate.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
@@ -144,8 +163,6 @@ class RecalibrateConfig:
 def preset_sections(name: str) -> tuple[dict, dict]:
     """The `recalibrate` and `data` sections of workflow preset `name` (workflows/presets/<name>.yaml):
     the paper's settings live there once, for the workflow and for `drope recalibrate --preset`."""
-    from workflows.spec import load_tree, preset_names
-
     if name not in preset_names():
         raise SpecError(f"unknown preset {name!r}; choose one of {preset_names()}")
     tree = load_tree(name)
@@ -206,26 +223,43 @@ def _optimizer(model, cfg: RecalibrateConfig) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
 
 
-def train_func(config: dict) -> None:
-    """One Ray Train worker = one DeepSpeed rank. `config` holds plain dicts (picklable)."""
+# ---------------------------------------------------------------------------------------------------
+# The worker: one Ray Train worker = one DeepSpeed rank, in named steps.
+
+
+@dataclass
+class Trainee:
+    """What one worker trains: the DeepSpeed engine, its optimizer and this rank's data stream."""
+
+    engine: object
+    optimizer: torch.optim.Optimizer
+    sampler: object
+    rank: int
+    world: int
+    start: int = 0
+    """The first step this launch runs (0, or the step of the restored checkpoint)."""
+    history: list = field(default_factory=list)
+    """Every finished step's metrics, restored ones included."""
+
+
+def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int) -> Trainee:
+    """Materialize the checkpoint on this node, load it, and wrap it in a DeepSpeed engine."""
     import deepspeed
     import ray.train
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import drope_ops  # noqa: F401  (registers the drope model type in this worker process)
 
-    if not config["cfg"].get("use_gpu"):
+    if not cfg.use_gpu:
         # DeepSpeed's CPU shared-memory all-reduce is a C++ op JIT-compiled at init (30 s to minutes, and
         # recompiled whenever two processes disagree on its flags); gloo's all-reduce does the same job.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    cfg, data = RecalibrateConfig(**config["cfg"]), DataConfig(**config["data"])
-    seq_len, ckpt_dir, sink = config["seq_len"], config["checkpoint_dir"], config["metrics_sink"]
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cpus(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-
+    ckpt_dir = stage_io.materialize(checkpoint_uri)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
     model.config.use_cache = False
@@ -234,94 +268,134 @@ def train_func(config: dict) -> None:
     sampler = make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world)
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
                                                    config=deepspeed_config(cfg, world))
+    return Trainee(engine, optimizer, sampler, rank, world)
 
-    # Resume: DeepSpeed state (weights, optimizer, step counters), data position, RNG, history.
-    start, history, restored = 0, [], ray.train.get_checkpoint()
-    if restored:
-        with restored.as_directory() as d:
-            engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
-            state = json.loads((Path(d) / STATE_FILE).read_text())
-            data_file = Path(d) / f"data_rank{rank}.json"
-            if not data_file.exists():
-                raise SpecError(f"checkpoint {restored.path} has no data position for rank {rank}; relaunch with "
-                                f"the num_workers it was written with, or start a new run_name")
-            sampler.load_state_dict(json.loads(data_file.read_text()))
-            start, history = state["step"], state["history"]
-            rng = torch.load(Path(d) / f"rng_rank{rank}.pt", weights_only=True)
-            torch.set_rng_state(rng["torch"])
-            random.setstate((rng["python_version"], tuple(rng["python_state"]), None))
 
-    device = engine.device
-    tokens_per_step = cfg.global_batch * seq_len
-    for step in range(start, cfg.steps):
+def restore(t: Trainee, checkpoint) -> None:
+    """Load a reported checkpoint: DeepSpeed state (weights, optimizer, step counters), this rank's
+    data position and RNG states, and the metric history."""
+    if checkpoint is None:
+        return
+    with checkpoint.as_directory() as d:
+        t.engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
+        data_file = Path(d) / f"data_rank{t.rank}.json"
+        if not data_file.exists():
+            raise SpecError(f"checkpoint {checkpoint.path} has no data position for rank {t.rank}; relaunch with "
+                            f"the num_workers it was written with, or start a new run_name")
+        t.sampler.load_state_dict(json.loads(data_file.read_text()))
+        state = json.loads((Path(d) / STATE_FILE).read_text())
+        t.start, t.history = state["step"], state["history"]
+        rng = torch.load(Path(d) / f"rng_rank{t.rank}.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        random.setstate((rng["python_version"], tuple(rng["python_state"]), None))
+
+
+def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: int) -> tuple[dict, torch.Tensor]:
+    """One optimizer step (0-based `step`) over grad_accum micro batches. Returns its metrics, the loss
+    averaged over all ranks, and the last micro batch's input ids (the parity probe's input)."""
+    t0 = time.perf_counter()
+    for group in t.optimizer.param_groups:
+        group["lr"] = lr_at(cfg, step)
+    loss_sum = torch.zeros((), device=t.engine.device)
+    batch = t.sampler.next_batch().to(t.engine.device)  # (global_batch / world, seq_len)
+    for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
+        input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
+        loss = t.engine(input_ids=input_ids, labels=labels).loss
+        t.engine.backward(loss)
+        t.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
+        loss_sum += loss.detach()
+    loss = loss_sum / cfg.grad_accum
+    # gloo has no AVG: sum, then divide
+    torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.SUM)
+    done = step + 1
+    metrics = {"loss": loss.item() / t.world, "lr": lr_at(cfg, step),
+               "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
+               "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
+               "tokens_seen": float(done * tokens_per_step), "step": done}
+    return metrics, input_ids
+
+
+def check_guard_rails(cfg: RecalibrateConfig, history: list[dict], loss: float, done: int) -> None:
+    """Stop on a NaN / inf or spiking loss. The loss is all-reduced, so every rank stops together; no
+    checkpoint of this step is written, and Ray's retries (if any) replay from the last good one."""
+    recent = [h["loss"] for h in history[-20:]]
+    if not math.isfinite(loss):
+        raise TrainingDivergedError(f"loss is {loss} at step {done}", step=done)
+    if cfg.loss_spike_factor and len(recent) >= 5 and loss > cfg.loss_spike_factor * sum(recent) / len(recent):
+        raise TrainingDivergedError(f"loss spiked to {loss:.4g} at step {done}, above {cfg.loss_spike_factor} x "
+                                    f"the running mean {sum(recent) / len(recent):.4g}", step=done)
+
+
+def inject_kill(cfg: RecalibrateConfig, t: Trainee, run_name: str, done: int) -> None:
+    """Fault injection for tests: the last rank dies by SIGKILL after step `inject_kill_at_step`, once per
+    run name (a marker in the node's temp dir stops the restarted worker from doing it again)."""
+    if cfg.inject_kill_at_step != done or t.rank != t.world - 1:
+        return
+    marker = Path(tempfile.gettempdir()) / f"drope-injected-kill-{run_name}-{done}"
+    if not marker.exists():
+        marker.touch()
+        os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, mid-run, before any later save
+
+
+def probe_logits(t: Trainee, input_ids: torch.Tensor) -> dict:
+    """Logits of the model as trained on a fixed input (any will do), for the parity check after
+    consolidation."""
+    probe = input_ids[:2].cpu()
+    t.engine.eval()
+    with torch.no_grad():
+        logits = t.engine(input_ids=probe.to(t.engine.device)).logits.float().cpu()
+    t.engine.train()
+    return {"input_ids": probe, "logits": logits}
+
+
+def save(t: Trainee, done: int, metrics: dict, report: dict, probe: dict | None) -> None:
+    """Write this rank's part of the step-`done` checkpoint and report it; Ray Train merges the ranks'
+    parts into checkpoint_step_NNNNNN in the run's storage."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory(prefix=f"recal-r{t.rank}-") as d:
+        if probe is not None and t.rank == 0:
+            torch.save(probe, Path(d) / PROBE_FILE)
+        t.engine.save_checkpoint(d, tag=DS_TAG)
+        version, state, _ = random.getstate()
+        torch.save({"torch": torch.get_rng_state(), "python_version": version, "python_state": list(state)},
+                   Path(d) / f"rng_rank{t.rank}.pt")
+        (Path(d) / f"data_rank{t.rank}.json").write_text(json.dumps(t.sampler.state_dict()))
+        if t.rank == 0:
+            (Path(d) / STATE_FILE).write_text(json.dumps({"step": done, "history": t.history}))
+        ray.train.report({**metrics, **report}, checkpoint=ray.train.Checkpoint.from_directory(d),
+                         checkpoint_dir_name=f"checkpoint_step_{done:06d}")
+
+
+def train_func(config: dict) -> None:
+    """The loop of one worker: build, restore, then step, guard, log, checkpoint until the end."""
+    import ray.train
+
+    cfg, sink = config["cfg"], config["metrics_sink"]
+    t = build(cfg, config["data"], config["checkpoint"], config["seq_len"])
+    restore(t, ray.train.get_checkpoint())
+    tokens_per_step = cfg.global_batch * config["seq_len"]
+    # where this launch went on from, for the driver: the newest checkpoint directory in storage can
+    # be one a killed launch was still writing
+    report = {"launch": config["launch"], "resumed_from": t.start}
+    for step in range(t.start, cfg.steps):
         done = step + 1
-        t0 = time.perf_counter()
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
-        loss_sum = torch.zeros((), device=device)
-        batch = sampler.next_batch().to(device)  # (global_batch / world, seq_len)
-        for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
-            input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
-            loss = engine(input_ids=input_ids, labels=labels).loss
-            engine.backward(loss)
-            engine.step()  # DeepSpeed applies the update at the accumulation boundary only
-            loss_sum += loss.detach()
-        loss = loss_sum / cfg.grad_accum
-        torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG if cfg.use_gpu else
-                                     torch.distributed.ReduceOp.SUM)
-        loss = loss.item() / (1 if cfg.use_gpu else world)  # gloo has no AVG
-        if cfg.inject_nan_at_step == done:
-            loss = float("nan")
-        grad_norm = engine.get_global_grad_norm()
-        metrics = {"loss": loss, "lr": lr_at(cfg, step), "grad_norm": float(grad_norm or 0.0),
-                   "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
-                   "tokens_seen": float(done * tokens_per_step), "step": done}
-
-        # Guard rails: identical on every rank (the loss is all-reduced), so all stop together.
-        recent = [h["loss"] for h in history[-20:]]
-        problem = None
-        if not math.isfinite(loss):
-            problem = f"loss is {loss} at step {done}"
-        elif cfg.loss_spike_factor and len(recent) >= 5 and loss > cfg.loss_spike_factor * sum(recent) / len(recent):
-            problem = (f"loss spiked to {loss:.4g} at step {done}, above {cfg.loss_spike_factor} x the running "
-                       f"mean {sum(recent) / len(recent):.4g}")
-        if problem:  # no checkpoint of this step; Ray's retries (if any) replay from the last good one
-            raise RuntimeError(f"{GUARD_MARK}{problem}")
-
-        history.append(metrics)
-        if rank == 0 and done % cfg.metrics_every == 0:
+        metrics, input_ids = train_step(t, cfg, step, tokens_per_step)
+        if cfg.inject_nan_at_step == done:  # fault injection for tests
+            metrics["loss"] = float("nan")
+        check_guard_rails(cfg, t.history, metrics["loss"], done)
+        t.history.append(metrics)
+        if t.rank == 0 and done % cfg.metrics_every == 0:
             sink.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
-        if cfg.inject_kill_at_step == done and rank == world - 1:
-            marker = Path(tempfile.gettempdir()) / f"drope-injected-kill-{config['run_name']}-{done}"
-            if not marker.exists():
-                marker.touch()
-                os.kill(os.getpid(), signal.SIGKILL)  # a real worker death, mid-run, before any later save
-
-        last = done == cfg.steps or done == cfg.stop_after_step
-        if done % cfg.checkpoint_every == 0 or last:
-            with tempfile.TemporaryDirectory(prefix=f"recal-r{rank}-") as d:
-                if done == cfg.steps:  # final logits of the model as trained, for the parity check
-                    probe = input_ids[:2].cpu()  # any fixed input will do: the last micro batch's tokens
-                    engine.eval()
-                    with torch.no_grad():
-                        logits = engine(input_ids=probe.to(device)).logits.float().cpu()
-                    engine.train()
-                    if rank == 0:
-                        torch.save({"input_ids": probe, "logits": logits}, Path(d) / PROBE_FILE)
-                engine.save_checkpoint(d, tag=DS_TAG)
-                version, state, _ = random.getstate()
-                torch.save({"torch": torch.get_rng_state(), "python_version": version,
-                            "python_state": list(state)}, Path(d) / f"rng_rank{rank}.pt")
-                (Path(d) / f"data_rank{rank}.json").write_text(json.dumps(sampler.state_dict()))
-                if rank == 0:
-                    (Path(d) / STATE_FILE).write_text(json.dumps({"step": done, "history": history}))
-                # where this launch went on from, for the driver: the newest checkpoint directory
-                # can be one a killed launch was still writing
-                ray.train.report({**metrics, "launch": config["launch"], "resumed_from": start},
-                                 checkpoint=ray.train.Checkpoint.from_directory(d),
-                                 checkpoint_dir_name=f"checkpoint_step_{done:06d}")
+        inject_kill(cfg, t, config["run_name"], done)
+        if done % cfg.checkpoint_every == 0 or done in (cfg.steps, cfg.stop_after_step):
+            save(t, done, metrics, report, probe_logits(t, input_ids) if done == cfg.steps else None)
         if done == cfg.stop_after_step:
             return
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver side: consolidate the final checkpoint, validate, launch.
 
 
 def consolidate(checkpoint_path: str, source_checkpoint: str, output_dir: str) -> float | None:
@@ -390,25 +464,36 @@ def _latest_checkpoint_step(path: str, filesystem, run_name: str) -> int:
     return max(steps, default=0)
 
 
-def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str) -> int:
+def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str) -> int:
     """Check the spec against the model before any worker starts; returns the block length."""
     from transformers import AutoConfig
 
     import drope_ops  # noqa: F401
 
-    if not (Path(checkpoint_dir) / "config.json").is_file():
-        raise CheckpointError(f"{checkpoint_dir} has no config.json; give a local checkpoint directory "
+    meta = stage_io.materialize_metadata(checkpoint)
+    if not (meta / "config.json").is_file():
+        raise CheckpointError(f"{checkpoint} has no config.json; give a checkpoint directory or s3:// prefix "
                               f"(fetch it first with `drope fetch`)")
-    seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(checkpoint_dir))
+    seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(meta))
     check_source(data)  # a wrong data.source / data.text_field fails here, not in every Ray Train worker
     return seq_len
 
 
-def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, output_dir: str, *,
-                run_name: str, storage_path: str, metrics_sink=None) -> dict:
-    """Train `checkpoint_dir` on `data` with DeepSpeed ZeRO on Ray Train; write output_dir.
+def _worker_error(e: Exception) -> DropeError | None:
+    """The DropeError a Ray Train worker raised (Ray Train hands the driver each worker's exception
+    object in WorkerGroupError.worker_failures), or None."""
+    for failure in getattr(e, "worker_failures", {}).values():
+        if isinstance(failure, DropeError):
+            return failure
+    return None
 
-    Returns {"output", "steps", "final_loss", "history", "checkpoint", "probe_max_abs_diff"}.
+
+def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
+                run_name: str, storage_path: str, metrics_sink=None) -> dict:
+    """Train `checkpoint` (a local directory or an s3:// URI) on `data` with DeepSpeed ZeRO on Ray Train;
+    write the consolidated checkpoint to the local directory `output_dir`.
+
+    Returns {"output", "steps", "final_loss", "history", "checkpoint", "probe_max_abs_diff", "start_step"}.
     Raises SpecError / CheckpointError before any worker starts, TrainingDivergedError on a NaN or a
     loss spike (the last good checkpoint stays in storage, a relaunch resumes from it).
     """
@@ -416,7 +501,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    seq_len = validate(cfg, data, checkpoint_dir)
+    seq_len = validate(cfg, data, checkpoint)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
     path, filesystem = _storage(storage_path)
@@ -424,12 +509,12 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
     if newest := _latest_checkpoint_step(path, filesystem, run_name):
         print(f"[recalibrate] {run_name}: checkpoints found up to step {newest}; resuming from the newest "
               f"complete one", flush=True)
+    if not stage_io.is_remote(checkpoint):
+        checkpoint = str(Path(checkpoint).resolve())
     trainer = TorchTrainer(
         train_func,
-        train_loop_config={"cfg": asdict(cfg), "data": asdict(data), "seq_len": seq_len,
-                           "checkpoint_dir": str(Path(checkpoint_dir).resolve()),
-                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name,
-                           "launch": launch},
+        train_loop_config={"cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint,
+                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name, "launch": launch},
         torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
@@ -440,14 +525,16 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
     )
     try:
         result = trainer.fit()
-    except Exception as e:  # Ray wraps worker errors; a guard-rail stop becomes one line naming the step
-        found = re.search(re.escape(GUARD_MARK) + r"(.*?at step (\d+)[^\n]*)", str(e))
-        if not found:
-            raise
-        good = (int(found.group(2)) - 1) // cfg.checkpoint_every * cfg.checkpoint_every
-        where = f"{storage_path}/{run_name}/checkpoint_step_{good:06d}" if good else "none yet"
-        raise TrainingDivergedError(f"recalibration stopped: {found.group(1)}; last good checkpoint: {where}; "
-                                    f"lower recalibrate.lr or raise warmup_steps, then relaunch") from None
+    except Exception as e:
+        err = _worker_error(e)
+        if isinstance(err, TrainingDivergedError):
+            good = (err.step - 1) // cfg.checkpoint_every * cfg.checkpoint_every
+            where = f"{storage_path}/{run_name}/checkpoint_step_{good:06d}" if good else "none yet"
+            raise TrainingDivergedError(f"recalibration stopped: {err}; last good checkpoint: {where}; lower "
+                                        f"recalibrate.lr or raise warmup_steps, then relaunch", step=err.step) from None
+        if err is not None:
+            raise err from None
+        raise
     if result.checkpoint is None:
         raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
     metrics = result.metrics or {}
@@ -455,10 +542,57 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint_dir: str, o
         state = json.loads((Path(d) / STATE_FILE).read_text())
         # a launch that found the run finished ran no step and reported no checkpoint of its own
         start_step = int(metrics["resumed_from"]) if metrics.get("launch") == launch else state["step"]
+        out = {"steps": state["step"], "final_loss": state["history"][-1]["loss"], "history": state["history"],
+               "checkpoint": result.checkpoint.path, "start_step": start_step}
         if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no consolidated output
-            return {"output": None, "steps": state["step"], "final_loss": state["history"][-1]["loss"],
-                    "history": state["history"], "checkpoint": result.checkpoint.path, "start_step": start_step}
-        diff = consolidate(d, checkpoint_dir, output_dir)
-    return {"output": str(output_dir), "steps": state["step"], "final_loss": state["history"][-1]["loss"],
-            "history": state["history"], "checkpoint": result.checkpoint.path, "probe_max_abs_diff": diff,
-            "start_step": start_step}
+            return {"output": None, **out}
+        diff = consolidate(d, str(stage_io.materialize_metadata(checkpoint)), output_dir)
+    return {"output": str(output_dir), **out, "probe_max_abs_diff": diff}
+
+
+# ---------------------------------------------------------------------------------------------------
+# The stage: the workflow's face of `recalibrate`.
+
+
+def run(spec, ctx) -> dict:
+    with stage_io.output_dir(ctx.output) as out:
+        res = recalibrate(spec.recalibrate, spec.data, ctx.inputs["drop_rope"], str(out),
+                          run_name=f"recalibrate-{ctx.fingerprint[:12]}",
+                          storage_path=storage.join(ctx.run_uri, "ray-train"), metrics_sink=ctx.sink)
+    return report_training(ctx, res)
+
+
+def report_training(ctx, res: dict) -> dict:
+    """Give this attempt's MLflow run the whole curve (a resumed attempt logged only the steps it ran:
+    the restored ones are filled in) and a PNG of it; return the ledger's facts."""
+    history = res.get("history", [])
+    if res.get("start_step") and ctx.sink is not None and hasattr(ctx.sink, "fill_history"):
+        ctx.sink.fill_history(history)
+    _log_curve(ctx.sink, history, ("loss", "lr", "grad_norm"), "loss_curve.png")
+    return {k: v for k, v in res.items() if k in ("steps", "final_loss", "tokens_seen", "start_step")}
+
+
+def _log_curve(sink, history: list[dict], keys, name: str) -> None:
+    """A PNG of per-step metrics, logged to the stage's MLflow run."""
+    if not history or sink is None:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        ax.plot(*zip(*[(h.get("step", i), h[key]) for i, h in enumerate(history) if key in h]))
+        ax.set_xlabel("step")
+        ax.set_title(key)
+    fig.tight_layout()
+    with tempfile.TemporaryDirectory() as tmp:
+        fig.savefig(Path(tmp) / name, dpi=100)
+        sink.log_artifact(str(Path(tmp) / name))
+    plt.close(fig)
+
+
+STAGE = Stage(name="recalibrate", run=run, sections=("recalibrate", "data"), inputs=("drop_rope",),
+              logged_model="recalibrated", dataset_context="training", label="recalibrated")

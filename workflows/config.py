@@ -1,0 +1,114 @@
+"""Spec trees: YAML presets and files, --set overrides, and plain dicts turned into typed dataclasses.
+
+    tree = apply_overrides(load_tree("debug"), ["recalibrate.steps=2"])
+    cfg = from_dict(RecalibrateConfig, tree["recalibrate"], "recalibrate.")
+
+Generic on purpose: it knows no stage. workflows/spec.py joins the stages' config dataclasses into
+the WorkflowSpec; a stage that needs a preset's section (recalibrate --preset) reads it from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from pathlib import Path
+
+import yaml
+
+from drope_ops.errors import SpecError
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+def _field_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _number_type(tp) -> type | None:
+    """int or float for fields typed int / float / (int | None) / (float | None), else None."""
+    args = set(typing.get_args(tp)) - {type(None)} if typing.get_args(tp) else {tp}
+    return next(iter(args)) if len(args) == 1 and next(iter(args)) in (int, float) else None
+
+
+def from_dict(cls, data: dict | None, where: str = ""):
+    """Build dataclass `cls` from a plain dict; unknown keys are refused with the closest known name."""
+    data = dict(data or {})
+    types = _field_types(cls)
+    unknown = [k for k in data if k not in types]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(key, types, n=1)
+        hint = f"did you mean {close[0]!r}?" if close else f"known fields: {', '.join(types)}"
+        raise SpecError(f"unknown spec field {where}{key!r}: {hint}")
+    kwargs = {}
+    for name, value in data.items():
+        tp = types[name]
+        if dataclasses.is_dataclass(tp) and isinstance(value, dict):
+            value = from_dict(tp, value, f"{where}{name}.")
+        elif dataclasses.is_dataclass(tp) and value is not None:
+            raise SpecError(f"spec field {where}{name} must be a mapping, got {value!r}")
+        elif isinstance(value, str) and _number_type(tp):
+            # YAML 1.1 reads 1e-3 (no dot) as a string: convert, or name the field
+            try:
+                value = _number_type(tp)(value)
+            except ValueError:
+                raise SpecError(f"spec field {where}{name}={value!r}: must be a number, e.g. "
+                                f"{where}{name}={'1e-3' if _number_type(tp) is float else '10'}") from None
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # wrong value types that __post_init__ trips over
+        raise SpecError(f"spec section {where or 'top level'}: {e}") from None
+
+
+def to_dict(spec) -> dict:
+    return dataclasses.asdict(spec)
+
+
+def _set_path(tree: dict, dotted: str, value) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        node = node.setdefault(k, {})
+        if not isinstance(node, dict):
+            raise SpecError(f"--set {dotted}: {k} is not a section")
+    node[keys[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    for item in overrides or []:
+        if "=" not in item:
+            raise SpecError(f"--set {item!r}: write it as section.field=value, e.g. recalibrate.steps=10")
+        key, raw = item.split("=", 1)
+        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+    return tree
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def load_tree(spec_or_preset: str) -> dict:
+    path = Path(spec_or_preset)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise SpecError(f"spec file {spec_or_preset} not found: give a YAML path or a preset ({', '.join(preset_names())})")
+    else:
+        path = PRESETS_DIR / f"{spec_or_preset}.yaml"
+        if not path.is_file():
+            raise SpecError(f"unknown preset {spec_or_preset!r}: choose one of {', '.join(preset_names())} or give a YAML file")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise SpecError(f"spec file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(tree, dict):
+        raise SpecError(f"spec file {path}: the top level must be a mapping of sections")
+    base = tree.pop("extends", None)
+    if base:  # a preset may extend another: shallow-merge each section
+        parent = load_tree(base)
+        for k, v in tree.items():
+            parent[k] = {**parent.get(k, {}), **v} if isinstance(v, dict) and isinstance(parent.get(k), dict) else v
+        tree = parent
+    return tree
+
+
