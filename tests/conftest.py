@@ -16,6 +16,7 @@ pytest_plugins = [
     "tests.fixtures.services",
     "tests.fixtures.ray_cluster",
     "tests.fixtures.workflow_services",
+    "tests.fixtures.cluster",
 ]
 
 

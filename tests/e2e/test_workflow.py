@@ -85,9 +85,21 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
     wait_for(recalibrating_with_checkpoint, 1500, "recalibrate to checkpoint")
     assert ray_job(address, "stop", sub1).returncode == 0
     wait_for(lambda: job_state(address, sub1) in ("STOPPED", "FAILED"), 120, "job to stop")
-    s = status(run_id, env)
-    assert s["by_stage"]["recalibrate"]["status"] in ("killed", "running"), s["by_stage"]["recalibrate"]
-    assert s["by_stage"]["fetch"]["status"] == "succeeded"
+    # the driver turns Ray's SIGTERM into KILLED marks before it exits: ledger (stage and run) and MLflow
+    # (the stage's child run and the parent); a bounded wait, as the stop returns before the driver ends
+    s = wait_for(lambda: (lambda st: st if st["by_stage"]["recalibrate"]["status"] != "running" else None)(
+        status(run_id, env)), 60, "the ledger to mark recalibrate after the stop")
+    assert s["by_stage"]["recalibrate"]["status"] == "killed", s["by_stage"]["recalibrate"]
+    assert s["by_stage"]["recalibrate"]["attempts"] == 1
+    assert s["run"]["status"] == "killed", s["run"]
+    assert [s["by_stage"][k]["status"] for k in ("fetch", "drop_rope")] == ["succeeded", "succeeded"]
+    assert [s["by_stage"][k]["status"] for k in ("fit_temperature", "evaluate")] == ["pending", "pending"]
+    client = MlflowClient(mlflow_server)
+    parent = parent_run(client, run_id)
+    killed = child_runs(client, parent)["recalibrate"]
+    assert [r.info.status for r in killed] == ["KILLED"]
+    assert killed[0].info.end_time is not None
+    assert parent.info.status == "KILLED"
 
     # resume as a new Ray job: fetch and drop_rope are not run again, recalibrate continues
     proc = run_drope(["resume", run_id, "--address", address], env, check=True)
@@ -103,7 +115,6 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
     assert s["by_stage"]["recalibrate"]["result"]["start_step"] >= 2  # continued from its checkpoint
 
     # MLflow: parent, one child per stage attempt, logged models with lineage, metrics, artifacts
-    client = MlflowClient(mlflow_server)
     parent = parent_run(client, run_id)
     assert parent.info.status == "FINISHED"
     children = child_runs(client, parent)

@@ -259,7 +259,7 @@ def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len
     use_cpus(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
-    ckpt_dir = stage_io.materialize(checkpoint_uri)
+    ckpt_dir = stage_io.local_dir(checkpoint_uri)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
     model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
     model.config.use_cache = False
