@@ -39,7 +39,7 @@ import torch
 
 from drope_ops.choices import check_choices
 from drope_ops import storage
-from drope_ops.data import DataConfig, check_source, make_sampler, resolve_seq_len
+from drope_ops.data import DataConfig, check_source, check_token_budget, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
 from drope_ops.manifest import write_manifest
@@ -311,7 +311,8 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
     metrics = {"loss": loss.item() / t.world, "lr": lr_at(cfg, step),
                "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
                "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
-               "tokens_seen": float(done * tokens_per_step), "step": done}
+               "tokens_seen": float(done * tokens_per_step), "epoch": float(getattr(t.sampler, "epoch", 0)),
+               "step": done}
     return metrics, input_ids
 
 
@@ -476,6 +477,8 @@ def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str) -> int:
                               f"(fetch it first with `drope fetch`)")
     seq_len = resolve_seq_len(data, AutoConfig.from_pretrained(meta))
     check_source(data)  # a wrong data.source / data.text_field fails here, not in every Ray Train worker
+    # a source too small for the schedule (with data.max_epochs forbidding more passes) fails here too
+    check_token_budget(data, steps=cfg.steps, global_batch=cfg.global_batch, seq_len=seq_len)
     return seq_len
 
 
