@@ -11,9 +11,16 @@ back as itself (Ray re-raises the task's exception object).
 
 from __future__ import annotations
 
+import os
+import time
 from typing import Callable, Sequence
 
+from drope_ops.errors import SpecError
 from drope_ops.hardware import run_with_cpus
+
+RESOURCE_WAIT_S = 60.0
+"""How long a request the cluster cannot place yet may wait for nodes (an autoscaler adding them);
+DROPE_RESOURCE_WAIT_S overrides it."""
 
 
 def ray_is_up() -> bool:
@@ -24,9 +31,65 @@ def ray_is_up() -> bool:
     return ray.is_initialized()
 
 
+def task_device(gpus: float) -> str:
+    """Where a task given `gpus` GPUs puts its model: its GPU (Ray sets CUDA_VISIBLE_DEVICES to it), or
+    the CPU for a CPU task."""
+    import torch
+
+    return "cuda" if gpus and torch.cuda.is_available() else "cpu"
+
+
+def task_options(cpus: float, gpus: float = 0, memory: int | None = None) -> dict:
+    """The Ray resources of one unit: CPUs, GPUs and (if given) memory in bytes."""
+    options = {"num_cpus": cpus, "num_gpus": gpus}  # default retries: a unit on a lost node reruns
+    if memory:
+        options["memory"] = int(memory)
+    return options
+
+
+def node_capacity(ray) -> list[dict]:
+    """Each alive node's total resources (CPU, GPU, memory)."""
+    return [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+
+
+def placeable(per_task: dict, count: int, nodes: list[dict]) -> int:
+    """How many of `count` tasks needing `per_task` resources ({"CPU": 2, "GPU": 1, "memory": B}) the
+    nodes can hold at once (each task on one node)."""
+    fits = 0
+    for node in nodes:
+        per_node = min((int(node.get(k, 0) // v) for k, v in per_task.items() if v), default=count)
+        fits += per_node
+    return min(fits, count)
+
+
+def require_resources(what: str, per_task: dict, count: int = 1, wait_s: float | None = None) -> None:
+    """Fail with one line, within `wait_s`, when the cluster cannot place `count` x `per_task` at once
+    (Ray would otherwise wait forever for an infeasible request)."""
+    import ray
+
+    if wait_s is None:
+        wait_s = float(os.environ.get("DROPE_RESOURCE_WAIT_S", RESOURCE_WAIT_S))
+    deadline = time.monotonic() + wait_s
+    while True:
+        nodes = node_capacity(ray)
+        if placeable(per_task, count, nodes) >= count:
+            return
+        if time.monotonic() > deadline:
+            have = {k: sum(n.get(k, 0) for n in nodes) for k in per_task}
+            shown = _show({k: v for k, v in per_task.items() if v})
+            raise SpecError(f"{what}: needs {count} x ({shown}) at once, but the Ray cluster's {len(nodes)} nodes hold "
+                            f"{_show(have)} (waited {wait_s:.0f}s for more); lower the request or add nodes")
+        time.sleep(2)
+
+
+def _show(resources: dict) -> str:
+    return ", ".join(f"{k} {v:g}" if k != "memory" else f"memory {v / 2**30:.1f} GiB" for k, v in resources.items())
+
+
 def run_units(fn: Callable, units: Sequence[tuple], *, cpus: float = 1, gpus: float = 0,
-              memory: int | None = None, on_result: Callable | None = None) -> list:
-    """[fn(*unit) for unit in units], as Ray tasks where Ray is up; `on_result(result)` per finish."""
+              memory: int | None = None, on_result: Callable | None = None, what: str = "a task") -> list:
+    """[fn(*unit) for unit in units], as Ray tasks where Ray is up; `on_result(result)` per finish.
+    `what` names the spec fields that size a unit, for the one-line error when no node can hold one."""
     if not ray_is_up():
         results = []
         for unit in units:
@@ -36,10 +99,8 @@ def run_units(fn: Callable, units: Sequence[tuple], *, cpus: float = 1, gpus: fl
         return results
     import ray
 
-    options = {"num_cpus": cpus, "num_gpus": gpus}  # default retries: a unit on a lost node reruns
-    if memory:
-        options["memory"] = int(memory)
-    task = ray.remote(run_with_cpus).options(**options)
+    require_resources(what, {"CPU": cpus, "GPU": gpus, "memory": memory or 0})
+    task = ray.remote(run_with_cpus).options(**task_options(cpus, gpus, memory))
     pending = {task.remote(cpus, fn, *unit): i for i, unit in enumerate(units)}
     results: list = [None] * len(units)
     while pending:

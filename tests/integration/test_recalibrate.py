@@ -195,3 +195,14 @@ def test_schedules_presets_and_cli_spec_building(tmp_path):
     assert (cfg.steps, cfg.zero_stage, data.seq_len, data.source) == (7, 3, 32, "shakespeare")
     with pytest.raises(SpecError, match=r"recalibrate\.global_batch=3"):
         build_configs("debug", None, ["recalibrate.global_batch=3"])
+
+
+def test_a_request_the_cluster_cannot_place_fails_in_one_line(ray_local, monkeypatch):
+    """GPUs on a CPU cluster, or more workers than CPUs: one line naming the numbers, never a hang."""
+    from workflows.tasks import require_resources, run_units
+
+    monkeypatch.setenv("DROPE_RESOURCE_WAIT_S", "1")
+    with pytest.raises(SpecError, match=r"evaluate.gpus_per_unit: needs 1 x \(CPU 1, GPU 1\)"):
+        run_units(len, [("x",)], cpus=1, gpus=1, what="evaluate.gpus_per_unit")
+    with pytest.raises(SpecError, match=r"needs 64 x \(CPU 1\).*CPU 4"):
+        require_resources("recalibrate.num_workers=64", {"CPU": 1}, 64, wait_s=1)

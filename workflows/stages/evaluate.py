@@ -6,8 +6,8 @@
 Work is a list of independent units, one per (variant, task, length), each a plain dict that
 `run_unit` evaluates by itself (materializes its checkpoint URI on its node, loads its model, runs,
 returns a result dict). `evaluate` runs them through workflows.tasks.run_units: Ray tasks
-(num_cpus = cpus_per_unit) when Ray is initialised, else one after another here (models cached
-between units of the same variant and length), then writes results.json / results.md, one NIAH
+when Ray is initialised, one per model (a variant at a length, loaded once for all its units; CPUs,
+GPUs and memory from cpus_per_unit / gpus_per_unit / memory_per_unit_gb), else one after another here, then writes results.json / results.md, one NIAH
 heatmap per variant and task, and perplexity_vs_length.png.
 
 Lengths are L = s * C_train, C_train being the DroPE config's original_max_position_embeddings (or
@@ -32,7 +32,7 @@ from drope_ops.errors import SpecError
 from drope_ops.hardware import Dtype, resolve_dtype
 from workflows import stage_io
 from workflows.stage import SOURCE, Stage
-from workflows.tasks import run_units
+from workflows.tasks import run_units, task_device
 
 Variant = Literal["drope", "rope", "pi", "ntk", "yarn"]
 NiahTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
@@ -77,7 +77,12 @@ class EvalConfig:
     original_context: int | None = None
     """C_train; None = the DroPE config's original_max_position_embeddings."""
     cpus_per_unit: float = 1
-    """CPUs of each unit's Ray task."""
+    """CPUs of each evaluation task (one task per model: a variant at a length, for all its tasks)."""
+    gpus_per_unit: float = 0
+    """GPUs of each evaluation task; its model goes on the task's GPU (7B at 16x fits one 80 GB GPU:
+    README "Running on a cluster")."""
+    memory_per_unit_gb: float | None = None
+    """Host memory Ray reserves for each evaluation task (None: no reservation)."""
 
     def __post_init__(self):
         check_choices(self, "evaluate")
@@ -122,6 +127,13 @@ def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_chec
 _MODEL_CACHE: dict[tuple, tuple] = {}
 
 
+def model_key(unit: dict) -> tuple:
+    """(checkpoint, variant, factor) of the model a unit runs on: crop is the base RoPE model as is."""
+    if unit["variant"] == "crop":
+        return unit["checkpoint"], "rope", 1.0
+    return unit["checkpoint"], unit["variant"], unit["factor"]
+
+
 def _model_for(unit: dict):
     """(model, tokenizer) of a unit's variant at its factor; the last one stays cached in-process."""
     import torch
@@ -130,8 +142,7 @@ def _model_for(unit: dict):
     import drope_ops  # noqa: F401  (registers model_type "drope")
     from drope_ops import rope_scaling
 
-    variant = "rope" if unit["variant"] == "crop" else unit["variant"]
-    factor = 1.0 if unit["variant"] == "crop" else unit["factor"]
+    _, variant, factor = model_key(unit)
     key = (unit["checkpoint"], variant, factor, unit["cfg"].dtype)
     if key not in _MODEL_CACHE:
         _MODEL_CACHE.clear()
@@ -141,6 +152,7 @@ def _model_for(unit: dict):
             model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, use_safetensors=True).eval()
         else:
             model = rope_scaling.load_variant(ckpt, variant, factor, unit["original_context"], dtype=dtype)
+        model = model.to(task_device(unit["cfg"].gpus_per_unit))
         _MODEL_CACHE[key] = (model, AutoTokenizer.from_pretrained(ckpt))
     return _MODEL_CACHE[key]
 
@@ -221,7 +233,7 @@ def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: 
     C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
     units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
                              original_context=C, data=data)
-    results = _run_deduplicated(units, cfg.cpus_per_unit, metrics_sink, C)
+    results = _run_deduplicated(units, cfg, metrics_sink, C)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table_json, table_md = report.write_table(results, out, notes={"original_context": C, "config": dataclasses.asdict(cfg)})
@@ -251,7 +263,7 @@ def compute_key(unit: dict, original_context: int) -> tuple:
     return (unit["checkpoint"], "rope" if same_as_rope else unit["variant"], unit["task"], unit["length"])
 
 
-def _run_deduplicated(units: list[dict], cpus_per_unit: float, metrics_sink, original_context: int) -> list[dict]:
+def _run_deduplicated(units: list[dict], cfg: EvalConfig, metrics_sink, original_context: int) -> list[dict]:
     """Run one unit per compute_key, the longest first (the last ones to finish are then short), and
     give every unit its key's result under its own variant name and factor."""
     groups: dict[tuple, list[dict]] = {}
@@ -260,7 +272,7 @@ def _run_deduplicated(units: list[dict], cpus_per_unit: float, metrics_sink, ori
     firsts = sorted((g[0] for g in groups.values()), key=lambda u: -u["length"])
     print(f"[evaluate] {len(units)} cells, {len(firsts)} to compute (C_train = {original_context})", flush=True)
     computed = {compute_key(u, original_context): r  # _run_all returns results in its units' order
-                for u, r in zip(firsts, _run_all(firsts, cpus_per_unit, metrics_sink))}
+                for u, r in zip(firsts, _run_all(firsts, cfg, metrics_sink))}
     results = []
     for u in units:
         r = computed[compute_key(u, original_context)]
@@ -277,17 +289,33 @@ def _log_score(metrics_sink, r: dict) -> None:
         metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
 
 
-def _run_all(units: list[dict], cpus_per_unit: float, metrics_sink) -> list[dict]:
-    """run_unit for every unit, in the units' order; progress and the metric as each one finishes."""
+def run_group(units: list[dict]) -> list[dict]:
+    """The units that share one model, in one task: the model is loaded once for all of them."""
+    return [run_unit(u) for u in units]
+
+
+def _run_all(units: list[dict], cfg: EvalConfig, metrics_sink) -> list[dict]:
+    """run_unit for every unit, one task per model (longest first), in the units' order; progress and
+    the metric as each one finishes."""
+    groups: dict[tuple, list[dict]] = {}
+    for u in units:
+        groups.setdefault(model_key(u), []).append(u)
+    ordered = sorted(groups.values(), key=lambda g: -max(u["length"] for u in g))
     finished = []
 
-    def record(r):
-        finished.append(r)
-        done = r["score"] if r["score"] is not None else r.get("skipped")
-        print(f"[evaluate] {len(finished)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}", flush=True)
-        _log_score(metrics_sink, r)
+    def record(rs):
+        for r in rs:
+            finished.append(r)
+            done = r["score"] if r["score"] is not None else r.get("skipped")
+            print(f"[evaluate] {len(finished)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}",
+                  flush=True)
+            _log_score(metrics_sink, r)
 
-    return run_units(run_unit, [(u,) for u in units], cpus=cpus_per_unit, on_result=record)
+    per_group = run_units(run_group, [(g,) for g in ordered], cpus=cfg.cpus_per_unit, gpus=cfg.gpus_per_unit,
+                          memory=int(cfg.memory_per_unit_gb * 2**30) if cfg.memory_per_unit_gb else None,
+                          on_result=record, what="evaluate.cpus_per_unit / gpus_per_unit / memory_per_unit_gb")
+    by_unit = {(r["variant"], r["task"], r["length"]): r for rs in per_group for r in rs}
+    return [by_unit[(u["variant"], u["task"], u["length"])] for u in units]
 
 
 def run(spec, ctx) -> dict:

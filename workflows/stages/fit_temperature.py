@@ -26,7 +26,7 @@ from drope_ops.hardware import Dtype, resolve_dtype
 from drope_ops.temperature import MAX_EVALS_CAP
 from workflows import stage_io
 from workflows.stage import Stage
-from workflows.tasks import run_units
+from workflows.tasks import run_units, task_device
 
 
 @dataclass
@@ -46,6 +46,10 @@ class TemperatureConfig:
     """CPUs (and torch threads) of each per-length Ray task when Ray is initialised. Lengths cost
     unequally (attention grows with L^2): on a small node, all its CPUs per length runs them one after
     another with none idle, where one CPU each leaves one idle while the longest finishes."""
+    gpus_per_length: float = 0
+    """GPUs of each per-length task (the model and its loss evaluations go on the task's GPU)."""
+    memory_per_length_gb: float | None = None
+    """Host memory Ray reserves for each per-length task (None: no reservation)."""
 
     def __post_init__(self):
         check_choices(self, "fit_temperature")
@@ -59,8 +63,8 @@ class TemperatureConfig:
             raise SpecError(f"fit_temperature.max_evals={self.max_evals}: must be in 3..{MAX_EVALS_CAP}")
 
 
-def load_drope(checkpoint_dir: str, dtype: str = "float32"):
-    """(model, tokenizer) of a DroPE checkpoint: safetensors only, no remote code."""
+def load_drope(checkpoint_dir: str, dtype: str = "float32", device: str = "cpu"):
+    """(model, tokenizer) of a DroPE checkpoint on `device`: safetensors only, no remote code."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     import drope_ops  # noqa: F401  (registers model_type "drope")
@@ -73,7 +77,7 @@ def load_drope(checkpoint_dir: str, dtype: str = "float32"):
                               f"of a DroPE checkpoint (drope drop-rope, then recalibrate)")
     model = AutoModelForCausalLM.from_pretrained(checkpoint_dir, dtype=resolve_dtype(dtype, "fit_temperature.dtype"),
                                                  use_safetensors=True)
-    return model.eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
 def fit_one_length(checkpoint: str, data: DataConfig, factor: float, cfg: TemperatureConfig) -> dict:
@@ -83,7 +87,7 @@ def fit_one_length(checkpoint: str, data: DataConfig, factor: float, cfg: Temper
     from drope_ops.data import heldout_blocks
     from drope_ops.temperature import fit_length
 
-    model, tok = load_drope(str(stage_io.local_dir(checkpoint)), cfg.dtype)
+    model, tok = load_drope(str(stage_io.local_dir(checkpoint)), cfg.dtype, task_device(cfg.gpus_per_length))
     length = int(round(factor * model.config.original_max_position_embeddings))
     blocks = heldout_blocks(data, tok, length, cfg.sequences_per_length)
     print(f"[fit_temperature] s={factor} L={length} on {len(blocks)} held-out sequences", flush=True)
@@ -121,6 +125,10 @@ def write_fitted_checkpoint(checkpoint_dir: str, output_dir: str, c: float, fits
     return Path(output_dir)
 
 
+def _gib(gb: float | None) -> int | None:
+    return int(gb * 2**30) if gb else None
+
+
 def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                     metrics_sink=None) -> dict:
     """Fit beta per length and c for `checkpoint` (local directory or s3:// URI); write the fitted
@@ -131,7 +139,8 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint: str, o
     factors = [float(s) for s in cfg.extension_factors]
     # longest first: with cpus_per_length = all CPUs the lengths run one after another
     fits = run_units(fit_one_length, [(checkpoint, data, s, cfg) for s in sorted(factors, reverse=True)],
-                     cpus=cfg.cpus_per_length)
+                     cpus=cfg.cpus_per_length, gpus=cfg.gpus_per_length, memory=_gib(cfg.memory_per_length_gb),
+                     what="fit_temperature.cpus_per_length / gpus_per_length / memory_per_length_gb")
     fits.sort(key=lambda f: factors.index(f["factor"]))
     betas = {f["factor"]: f["beta"] for f in fits}
     c = fit_c(betas)

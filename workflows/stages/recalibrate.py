@@ -78,8 +78,9 @@ class RecalibrateConfig:
     """Sequences per optimizer step across all workers; accumulation makes up for fewer workers."""
     micro_batch: int = 2
     """Sequences per forward/backward on one worker."""
-    num_workers: int = 2
-    """Ray Train workers (one DeepSpeed rank each; GPUs when use_gpu)."""
+    num_workers: int | Literal["auto"] = 2
+    """Ray Train workers (one DeepSpeed rank each; GPUs when use_gpu). auto: as many as the cluster holds
+    (its GPUs, or its CPUs / cpus_per_worker), the largest count that keeps global_batch by accumulation."""
     use_gpu: bool = False
     """GPU workers (nccl, bf16) or CPU workers (gloo, fp32)."""
     cpus_per_worker: float = 1.0
@@ -132,12 +133,16 @@ class RecalibrateConfig:
         self.betas = tuple(self.betas)
         check_choices(self, "recalibrate")
         positive = {"steps": self.steps, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
-                    "num_workers": self.num_workers, "checkpoint_every": self.checkpoint_every,
-                    "metrics_every": self.metrics_every}
+                    "checkpoint_every": self.checkpoint_every, "metrics_every": self.metrics_every}
+        if self.num_workers != "auto":
+            positive["num_workers"] = self.num_workers
         for name, value in positive.items():
             if not isinstance(value, int) or value < 1:
                 raise SpecError(f"recalibrate.{name}={value!r} must be a positive integer")
-        if self.global_batch % (self.num_workers * self.micro_batch):
+        if self.global_batch % self.micro_batch:
+            raise SpecError(f"recalibrate.global_batch={self.global_batch} is not divisible by micro_batch="
+                            f"{self.micro_batch}; pick a multiple of it")
+        if self.num_workers != "auto" and self.global_batch % (self.num_workers * self.micro_batch):
             raise SpecError(f"recalibrate.global_batch={self.global_batch} is not divisible by num_workers * "
                             f"micro_batch = {self.num_workers * self.micro_batch}; pick a multiple of it")
         if not self.lr > 0:
@@ -465,6 +470,36 @@ def _latest_checkpoint_step(path: str, filesystem, run_name: str) -> int:
     return max(steps, default=0)
 
 
+def workers_for(cfg: RecalibrateConfig, slots: int) -> int:
+    """num_workers: auto on a cluster with `slots` worker slots: the most workers <= slots that divide
+    global_batch / micro_batch (the rest is gradient accumulation)."""
+    sequences = cfg.global_batch // cfg.micro_batch
+    return max(n for n in range(1, max(1, min(slots, sequences)) + 1) if sequences % n == 0)
+
+
+def place_workers(cfg: RecalibrateConfig) -> RecalibrateConfig:
+    """Resolve num_workers: auto from the cluster, and fail within a minute (one line naming the
+    numbers) when the cluster cannot hold the workers, instead of waiting forever."""
+    import dataclasses
+
+    import ray
+
+    from workflows.tasks import node_capacity, placeable, require_resources
+
+    per_worker = {"CPU": cfg.cpus_per_worker, "GPU": 1 if cfg.use_gpu else 0}
+    if cfg.num_workers == "auto":
+        slots = placeable(per_worker, 10**6, node_capacity(ray))
+        if slots < 1:
+            require_resources("recalibrate.num_workers=auto", per_worker)
+            slots = placeable(per_worker, 10**6, node_capacity(ray))
+        cfg = dataclasses.replace(cfg, num_workers=workers_for(cfg, slots))
+        print(f"[recalibrate] num_workers auto -> {cfg.num_workers} (cluster holds {slots}; gradient accumulation "
+              f"{cfg.grad_accum})", flush=True)
+    require_resources(f"recalibrate.num_workers={cfg.num_workers} x cpus_per_worker={cfg.cpus_per_worker}"
+                      + (" x 1 GPU" if cfg.use_gpu else ""), per_worker, cfg.num_workers)
+    return cfg
+
+
 def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str) -> int:
     """Check the spec against the model before any worker starts; returns the block length."""
     from transformers import AutoConfig
@@ -507,6 +542,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     seq_len = validate(cfg, data, checkpoint)
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=True)
+    cfg = place_workers(cfg)
     path, filesystem = _storage(storage_path)
     launch = uuid.uuid4().hex
     if newest := _latest_checkpoint_step(path, filesystem, run_name):
