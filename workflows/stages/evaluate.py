@@ -72,8 +72,8 @@ class EvalConfig:
     seed: int = 0
     """Seed of the NIAH samples."""
     dtype: Dtype = "auto"
-    """Weights' dtype for evaluation: auto (bfloat16 where the node computes it natively: GPUs, CPUs
-    with avx512_bf16 / AMX; else float32, as emulated bf16 is ~50x slower), float32 or bfloat16."""
+    """Weights' dtype for evaluation: auto (bfloat16 on a GPU; on a CPU whichever a short matmul probe
+    on the node measures faster, drope_ops.hardware.dtype_probe), float32 or bfloat16."""
     original_context: int | None = None
     """C_train; None = the DroPE config's original_max_position_embeddings."""
     cpus_per_unit: float = 1

@@ -41,7 +41,7 @@ class TemperatureConfig:
     """Loss evaluations per length (<= 12)."""
     dtype: Dtype = "float32"
     """Weights' dtype while fitting: float32 (loss differences between scales are ~1e-3), bfloat16, or
-    auto (bfloat16 where the node computes it natively, else float32)."""
+    auto (bfloat16 where a matmul probe on the node measures it faster than float32, else float32)."""
     cpus_per_length: float = 1
     """CPUs (and torch threads) of each per-length Ray task when Ray is initialised. Lengths cost
     unequally (attention grows with L^2): on a small node, all its CPUs per length runs them one after
