@@ -96,7 +96,6 @@ def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> d
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, home)
     check_reachable(tracking_uri)
     ray = _resolve_ray(spec)
-    check_cluster_reach(spec, run_uri, tracking_uri, _alive_nodes(ray))
     ledger = Ledger(run_uri)
     spec_yaml = yaml.safe_dump(to_dict(spec), sort_keys=False)
     run = ledger.read_run() if ledger.exists() else {"run_id": run_id, "name": spec.name, "attempts": 0}
@@ -115,6 +114,8 @@ def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> d
     records: dict[str, StageRecord] = {}
     status = SUCCEEDED
     try:
+        # refused with the run and its MLflow parent marked FAILED, before any stage ran
+        check_cluster_reach(spec, run_uri, tracking_uri, _alive_nodes(ray))
         for stage in stages.enabled(spec):
             inputs = {name: records[name] for name in stage.inputs}
             fp = fingerprint(stage.name, stage_spec(spec, stage.name), [r.fingerprint for r in inputs.values()])
@@ -129,6 +130,7 @@ def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> d
                 records[stage.role] = done
     except BaseException as e:
         status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
+        run["error"] = str(_unwrap(e)).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise _unwrap(e) from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)

@@ -209,3 +209,19 @@ def test_worker_node_lost_mid_recalibration_then_resume(no_shared_disk_cluster):
     assert recal["start_step"] == committed_step, (recal, committed_step, ckpt_steps)
     assert recal["steps"] == steps
     assert parent_run_status(cluster, run_id) == "FINISHED"
+
+
+def test_node_local_storage_or_tracking_is_refused_before_any_stage(no_shared_disk_cluster, tmp_path):
+    """On two nodes that share no disk, a local storage root or a sqlite tracking file is one line, the
+    job fails, the run record says failed and no stage ran."""
+    cluster = no_shared_disk_cluster
+    cases = {"cl-bad-track": (f"tracking.uri=sqlite:///{tmp_path}/mlflow.db", "tracking.uri sqlite:"),
+             "cl-bad-store": (f"storage.root={tmp_path}/runs", "storage.root ")}
+    for run_id, (override, says) in cases.items():
+        sub = submit(cluster, run_id, override)
+        assert wait_job(cluster, run_id, sub, timeout=300) == "FAILED", diagnostics(cluster, run_id, sub)
+        s = status(cluster, run_id)
+        assert s["run"]["status"] == "failed", s["run"]
+        assert says in s["run"]["error"] and "nodes" in s["run"]["error"], s["run"]
+        assert all(s["by_stage"][k]["status"] == "pending" for k in STAGES), s["by_stage"]
+        assert cluster.job_logs(sub).count("Traceback") == 0, cluster.job_logs(sub)[-2000:]

@@ -48,3 +48,18 @@ def test_one_model_per_variant_and_length_for_all_its_tasks():
     assert len(models) == 6
     assert ("s3://b/base", "rope", 1.0) == model_key(next(u for u in units if u["variant"] == "crop"))
     assert all(u["checkpoint"].startswith("s3://") for u in units)  # URIs, never a node's path
+
+
+def test_a_multi_node_run_needs_storage_and_tracking_every_node_reaches():
+    from workflows.pipeline import check_cluster_reach
+    from workflows.spec import load_spec
+
+    spec = load_spec("debug")
+    check_cluster_reach(spec, "/home/u/.drope/runs/r1", "sqlite:////home/u/.drope/mlflow.db", nodes=1)  # one box
+    check_cluster_reach(spec, "s3://b/runs/r1", "http://mlflow:5000", nodes=3)
+    with pytest.raises(SpecError, match=r"storage.root /home/u/.drope/runs is a local directory.*3 nodes.*s3://"):
+        check_cluster_reach(spec, "/home/u/.drope/runs/r1", "http://mlflow:5000", nodes=3)
+    with pytest.raises(SpecError, match=r"tracking.uri sqlite:.*MLflow server"):
+        check_cluster_reach(spec, "s3://b/runs/r1", "sqlite:////home/u/.drope/mlflow.db", nodes=2)
+    shared = load_spec("debug", ["storage.shared_filesystem=true"])
+    check_cluster_reach(shared, "/nfs/drope/runs/r1", "http://mlflow:5000", nodes=2)

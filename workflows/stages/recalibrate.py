@@ -526,6 +526,20 @@ def _worker_error(e: Exception) -> DropeError | None:
     return None
 
 
+def _lost_worker(e: Exception) -> bool:
+    """Whether Ray Train failed because a worker's process or node went away (not a bug in the loop)."""
+    from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
+
+    lost = (ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError)
+    return any(isinstance(f, lost) for f in getattr(e, "worker_failures", {}).values())
+
+
+def _first_line(e: Exception) -> str:
+    failures = list(getattr(e, "worker_failures", {}).values())
+    text = str(failures[0] if failures else e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
 def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                 run_name: str, storage_path: str, metrics_sink=None) -> dict:
     """Train `checkpoint` (a local directory or an s3:// URI) on `data` with DeepSpeed ZeRO on Ray Train;
@@ -546,8 +560,8 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     path, filesystem = _storage(storage_path)
     launch = uuid.uuid4().hex
     if newest := _latest_checkpoint_step(path, filesystem, run_name):
-        print(f"[recalibrate] {run_name}: checkpoints found up to step {newest}; resuming from the newest "
-              f"complete one", flush=True)
+        print(f"[recalibrate] {run_name}: checkpoint directories up to step {newest} in storage; resuming from "
+              f"the newest one Ray Train registered as complete", flush=True)
     if not stage_io.is_remote(checkpoint):
         checkpoint = str(Path(checkpoint).resolve())
     trainer = TorchTrainer(
@@ -573,6 +587,9 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
                                         f"recalibrate.lr or raise warmup_steps, then relaunch", step=err.step) from None
         if err is not None:
             raise err from None
+        if _lost_worker(e):
+            raise DropeError(f"recalibration lost a Ray Train worker (its node died or was removed): {_first_line(e)}; "
+                             f"`drope resume RUN_ID` continues from the last checkpoint in {storage_path}/{run_name}") from None
         raise
     if result.checkpoint is None:
         raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
