@@ -527,11 +527,13 @@ def _worker_error(e: Exception) -> DropeError | None:
 
 
 def _lost_worker(e: Exception) -> bool:
-    """Whether Ray Train failed because a worker's process or node went away (not a bug in the loop)."""
+    """Whether Ray Train failed because a worker's (or its controller's) process or node went away, not
+    because of a bug in the loop (Ray Train wraps those in WorkerGroupError / ControllerError)."""
     from ray.exceptions import ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError
 
     lost = (ActorDiedError, ActorUnavailableError, NodeDiedError, RayActorError)
-    return any(isinstance(f, lost) for f in getattr(e, "worker_failures", {}).values())
+    causes = [e, getattr(e, "controller_failure", None), e.__cause__, *getattr(e, "worker_failures", {}).values()]
+    return any(isinstance(c, lost) for c in causes)
 
 
 def _first_line(e: Exception) -> str:
@@ -588,7 +590,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
         if err is not None:
             raise err from None
         if _lost_worker(e):
-            raise DropeError(f"recalibration lost a Ray Train worker (its node died or was removed): {_first_line(e)}; "
+            raise DropeError(f"recalibration lost a Ray Train actor (its node died or was removed): {_first_line(e)}; "
                              f"`drope resume RUN_ID` continues from the last checkpoint in {storage_path}/{run_name}") from None
         raise
     if result.checkpoint is None:
