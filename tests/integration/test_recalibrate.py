@@ -197,7 +197,7 @@ def test_schedules_presets_and_cli_spec_building(tmp_path):
         build_configs("debug", None, ["recalibrate.global_batch=3"])
 
 
-def test_a_request_the_cluster_cannot_place_fails_in_one_line(ray_local, monkeypatch):
+def test_a_request_the_cluster_cannot_place_fails_in_one_line(ray_two_nodes, monkeypatch):
     """GPUs on a CPU cluster, or more workers than CPUs: one line naming the numbers, never a hang."""
     from workflows.tasks import require_resources, run_units
 
