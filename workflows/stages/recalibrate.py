@@ -542,6 +542,24 @@ def _first_line(e: Exception) -> str:
     return text.splitlines()[0][:300] if text else type(e).__name__
 
 
+def _trainer(cfg: RecalibrateConfig, *, train_loop_config: dict, run_name: str, path: str, filesystem):
+    """The TorchTrainer: sizing in ScalingConfig, resume and retention in RunConfig (same name = resume)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    return TorchTrainer(
+        train_func,
+        train_loop_config=train_loop_config,
+        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
+                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+                             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
+    )
+
+
 def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                 run_name: str, storage_path: str, metrics_sink=None) -> dict:
     """Train `checkpoint` (a local directory or an s3:// URI) on `data` with DeepSpeed ZeRO on Ray Train;
@@ -552,8 +570,6 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     loss spike (the last good checkpoint stays in storage, a relaunch resumes from it).
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
 
     seq_len = validate(cfg, data, checkpoint)
     if not ray.is_initialized():
@@ -566,18 +582,10 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
               f"the newest one Ray Train registered as complete", flush=True)
     if not stage_io.is_remote(checkpoint):
         checkpoint = str(Path(checkpoint).resolve())
-    trainer = TorchTrainer(
-        train_func,
-        train_loop_config={"cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint,
-                           "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name, "launch": launch},
-        torch_config=TorchConfig(backend="nccl" if cfg.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
-                             failure_config=FailureConfig(max_failures=cfg.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
-                             worker_runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false"}}),
-    )
+    trainer = _trainer(cfg, train_loop_config={
+        "cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint,
+        "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name, "launch": launch},
+        run_name=run_name, path=path, filesystem=filesystem)
     try:
         result = trainer.fit()
     except Exception as e:
