@@ -26,6 +26,18 @@ SAFE_WEIGHTS = ["*.safetensors", "*.safetensors.index.json"]
 PICKLE_WEIGHTS = ["*.bin", "*.bin.index.json", "*.pt", "*.pth", "*.ckpt", "*.pkl"]
 CODE_FILES = ["*.py"]
 
+TOKENIZER_VOCAB = ["tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt"]
+"""A checkpoint has a tokenizer when it holds one of these (tokenizer_config.json alone has no vocabulary)."""
+
+
+def tokenizer_problem(names, where: str) -> str | None:
+    """Why the files `names` of checkpoint `where` carry no usable tokenizer (None = they do)."""
+    if any(n in TOKENIZER_VOCAB for n in names):
+        return None
+    return (f"{where} has no tokenizer files (none of {', '.join(TOKENIZER_VOCAB)}); copy the tokenizer "
+            f"of the model it came from into it (tokenizer.json and tokenizer_config.json) and try again")
+
+
 def allow_patterns(*, allow_pickle: bool = False, allow_code: bool = False) -> list[str]:
     """The huggingface_hub `allow_patterns` that fetch downloads."""
     return (CONFIG_FILES + TOKENIZER_FILES + SAFE_WEIGHTS + (PICKLE_WEIGHTS if allow_pickle else [])
@@ -57,6 +69,8 @@ def select_files(names: list[str], *, allow_pickle: bool = False, allow_code: bo
                               f"); point at a Hugging Face checkpoint directory")
     if "config.json" not in keep:
         raise CheckpointError(f"{where} has no config.json; point at a Hugging Face checkpoint directory")
+    if problem := tokenizer_problem(keep, where):
+        raise CheckpointError(problem)
     skipped = sorted(set(names) - set(keep))
     if skipped:
         log.info("not copied from %s: %s", where, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))

@@ -5,7 +5,8 @@
     fetch("/models/SmolLM2-135M-Instruct.Q4_1.gguf", "/data/ckpt/smollm2")
 
 Sources: `hf://ORG/NAME[@REVISION]` (huggingface_hub snapshot download: HF_ENDPOINT, HF_TOKEN,
-HF_HUB_OFFLINE and the HF cache are honoured), `s3://BUCKET/PREFIX` holding a drope manifest, a
+HF_HUB_OFFLINE and the HF cache are honoured), `s3://BUCKET/PREFIX` (a drope checkpoint, or a plain Hugging Face one
+verified against its index and safetensors headers), a
 local checkpoint directory, or a `.gguf` file. Destinations: a local directory or `s3://...`.
 The destination gets only config, tokenizer and safetensors files (see checkpoint_policy), a sha256
 manifest with the source URI, and is complete or absent (drope_ops.transfer).
@@ -139,8 +140,7 @@ def fetch(source: str, dest: str, *, allow_pickle: bool = False, allow_code: boo
 def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult:
     src_manifest = storage.read_checkpoint_manifest(source)
     if src_manifest is None:
-        raise CheckpointError(f"{source} has no {mf.MANIFEST_NAME}: it is incomplete or not a drope "
-                              f"checkpoint; upload it with `drope fetch LOCAL_DIR {source}`")
+        return _fetch_s3_plain(source, dest, progress, opts)
     names = policy.select_files(list(src_manifest["files"]), where=source, **opts)
     configs = {n: json.loads(storage.read_bytes(storage.join(source, n)))
                for n in ("config.json", "tokenizer_config.json") if n in names}
@@ -153,8 +153,7 @@ def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult
         stats = transfer.download_checkpoint(source, wanted, Path(dest), progress=progress)
         return FetchResult(dest, stats.files, stats.bytes, mf.manifest_digest(wanted))
     # via a local cache keyed by the source, so an interrupted call resumes there too
-    cache = Path(os.environ.get("DROPE_CACHE", Path.home() / ".cache" / "drope")) / "fetch" / \
-        hashlib.sha256(source.encode()).hexdigest()[:16]
+    cache = _cache_dir(source)
     old = mf.read_manifest(cache) if cache.is_dir() else None
     if old is not None and mf.manifest_digest(old) != mf.manifest_digest(wanted):
         storage.remove_tree(cache)  # our cache of an older version of this source
@@ -166,6 +165,76 @@ def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult
     return FetchResult(dest, put.files, got.bytes + put.bytes, mf.manifest_digest(manifest))
 
 
+def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict) -> FetchResult:
+    """A plain Hugging Face checkpoint another tool wrote to S3 (config, index, safetensors shards; no
+    drope manifest): download the selected files to a local cache (resumable: complete files are kept),
+    verify the shards against the index and their headers (_prepare), then publish with a manifest."""
+    sizes = storage.s3_sizes(source)
+    if not sizes:
+        raise CheckpointError(f"{source} holds no files; check the prefix (`aws s3 ls {source}/`)")
+    names = policy.select_files(list(sizes), where=source, **opts)
+    check_rope_llama_config(json.loads(storage.read_bytes(storage.join(source, "config.json"))), source)
+    cache = _cache_dir(source)
+    client = storage.s3_client()
+    bucket, _ = storage.split_s3(source)
+    got = 0
+    for name in names:
+        path = cache / name
+        if path.is_file() and path.stat().st_size == sizes[name]:
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        try:
+            storage.s3_call(source, client.download_file, bucket, storage.split_s3(storage.join(source, name))[1],
+                            str(part))
+        except OSError as e:
+            raise storage.disk_error(e, cache) from None
+        os.replace(part, path)
+        got += sizes[name]
+    with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
+        files, manifest = _prepare(cache, source, Path(work), {}, opts)
+        put = transfer.publish(files, manifest, dest, progress=progress)
+    storage.remove_tree(cache)
+    return FetchResult(dest, put.files, got + put.bytes, mf.manifest_digest(manifest))
+
+
+def _cache_dir(source: str) -> Path:
+    """Local cache of an S3 source, keyed by its URI, so an interrupted fetch resumes there."""
+    return Path(os.environ.get("DROPE_CACHE", Path.home() / ".cache" / "drope")) / "fetch" / \
+        hashlib.sha256(source.encode()).hexdigest()[:16]
+
+
+def check_shards(root: Path, names: list[str], where: str) -> None:
+    """A checkpoint without a manifest, checked against its own index and safetensors headers: every
+    shard the index names is there, each header lists exactly the tensors the index puts in it, and
+    each file is as long as its header says (not truncated)."""
+    from drope_ops.surgery import INDEX_NAME, read_header
+
+    shards = [n for n in names if n.endswith(".safetensors")]
+    tensors = {}
+    for n in shards:
+        header, start = read_header(root / n)
+        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        if (root / n).stat().st_size != start + end:
+            raise CheckpointError(f"{where}/{n}: {(root / n).stat().st_size} bytes but its header says "
+                                  f"{start + end}: truncated or corrupt; copy it again")
+        tensors[n] = {k for k in header if k != "__metadata__"}
+    if INDEX_NAME not in names:
+        return
+    weight_map = json.loads((root / INDEX_NAME).read_text()).get("weight_map") or {}
+    missing = sorted(set(weight_map.values()) - set(shards))
+    if missing:
+        raise CheckpointError(f"{where}: {INDEX_NAME} names {missing[0]} ({len(missing)} shard(s) missing); "
+                              f"copy every shard the index lists")
+    for n in shards:
+        listed = {k for k, v in weight_map.items() if v == n}
+        if listed != tensors[n]:
+            odd = sorted(listed ^ tensors[n])[0]
+            raise CheckpointError(f"{where}/{n}: tensor {odd} is in {'the index' if odd in listed else 'the shard'} "
+                                  f"but not in {'the shard' if odd in listed else 'the index'}; the index and "
+                                  f"shards come from different saves: copy a matching set")
+
+
 def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
              opts: dict) -> tuple[dict[str, Path], dict]:
     """Apply the safety policy to a local checkpoint dir: (name -> file to publish, its manifest)."""
@@ -175,6 +244,8 @@ def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
     if own is not None:  # a drope checkpoint: verify it against its own manifest first
         expected = {**{k: v["sha256"] for k, v in own["files"].items()}, **expected}
     names = policy.select_files(names, where=source, **opts)
+    if own is None and not expected:  # nothing recorded its hashes: check it against itself
+        check_shards(root, names, source)
     files = {n: root / n for n in names}
     config = json.loads(files["config.json"].read_text())
     check_rope_llama_config(config, source)

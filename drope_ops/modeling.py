@@ -56,6 +56,8 @@ class DropeConfig(LlamaConfig):
     original_max_position_embeddings: C_train, the context the RoPE model was pretrained at.
     qkv_bias: bias on q/k/v projections only (Qwen2 layout); attention_bias puts one on o_proj too.
     source_model / source_sha256: provenance of the checkpoint the surgery started from.
+    source_rope_parameters: the source's RoPE scaling (yarn, linear, ...) that the surgery removed, as it
+        was; None when the source used plain RoPE.
     """
 
     model_type = "drope"
@@ -69,6 +71,7 @@ class DropeConfig(LlamaConfig):
     qkv_bias: bool = False
     source_model: str | None = None
     source_sha256: str | None = None
+    source_rope_parameters: dict | None = None
 
     def __post_init__(self, **kwargs):
         if self.rope_layers is None:

@@ -101,6 +101,29 @@ def weight_files(src: str | os.PathLike) -> tuple[list[Path], dict | None]:
     raise CheckpointError(f"{src}: no *.safetensors weights found; point SRC at a checkpoint directory")
 
 
+def rope_scaling(config: dict) -> dict | None:
+    """The config's RoPE scaling (rope_parameters / rope_scaling with a rope_type other than default),
+    or None for plain RoPE."""
+    rope = config.get("rope_parameters") or config.get("rope_scaling")
+    if not isinstance(rope, dict) or rope.get("rope_type", rope.get("type", "default")) == "default":
+        return None
+    return dict(rope)
+
+
+def pretraining_context(config: dict, scaling: dict | None) -> int | None:
+    """C_train: the context before any RoPE scaling (original_max_position_embeddings), else
+    max_position_embeddings when the config is plain RoPE. Raises for a scaled config that does not say."""
+    if scaling is None:
+        return config.get("original_max_position_embeddings") or config.get("max_position_embeddings")
+    context = scaling.get("original_max_position_embeddings") or config.get("original_max_position_embeddings")
+    if not context:
+        kind = scaling.get("rope_type", scaling.get("type"))
+        raise CheckpointError(f"config.json: RoPE scaling {kind!r} (factor {scaling.get('factor')}) without "
+                              f"original_max_position_embeddings: the pretraining context is unknown; pass "
+                              f"--original-context (model.original_context) with it")
+    return int(context)
+
+
 def layers_keeping_rope(num_layers: int, rope_layers=None, nope_every=None) -> list[int]:
     """Indices of layers that keep RoPE: explicit, SmolLM3-style (every Nth layer NoPE), or none."""
     if rope_layers is not None and nope_every is not None:
@@ -124,14 +147,19 @@ def drope_config(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_lay
     if qk_norm_scope not in QK_NORM_SCOPES:
         raise CheckpointError(f"qk_norm_scope={qk_norm_scope!r}: choose one of {', '.join(QK_NORM_SCOPES)}")
     fields = {k: v for k, v in src_config.items() if k not in _DROPPED_KEYS and k != "model_type"}
-    context = original_context or src_config.get("max_position_embeddings")
+    scaling = rope_scaling(src_config)
+    context = original_context or pretraining_context(src_config, scaling)
     if not context or int(context) < 1:
         raise CheckpointError("original_context: the source config has no max_position_embeddings; pass --original-context")
+    if scaling:  # layers that keep RoPE get the plain RoPE they were pretrained with
+        fields.pop("rope_scaling", None)
+        fields["rope_parameters"] = {"rope_type": "default", "rope_theta": scaling.get(
+            "rope_theta", src_config.get("rope_theta", 10000.0))}
     fields.update(
         rope_layers=rope_layers, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, logit_scale=1.0,
         logit_scale_c=None, original_max_position_embeddings=int(context),
         qkv_bias=ROPE_LLAMA_TYPES[src_config["model_type"]], source_model=source_model,
-        source_sha256=source_sha256, architectures=["DropeForCausalLM"],
+        source_sha256=source_sha256, architectures=["DropeForCausalLM"], source_rope_parameters=scaling,
     )
     try:
         return DropeConfig(**fields)

@@ -19,6 +19,28 @@ import yaml
 from drope_ops.errors import SpecError
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class SpecLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a mapping with a key twice (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                where = key_node.start_mark.name
+                raise SpecError(f"{'' if where.startswith('<') else where + ': '}duplicate key {key!r} on line "
+                                f"{line} (first on line {seen[key]}); keep one of them")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+def load_yaml(text_or_file) -> object:
+    """YAML through SpecLoader: every spec, preset, --set value and ledger spec loads here."""
+    return yaml.load(text_or_file, Loader=SpecLoader)
+
 def _field_types(cls) -> dict[str, typing.Any]:
     hints = typing.get_type_hints(cls)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
@@ -80,7 +102,7 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
         if "=" not in item:
             raise SpecError(f"--set {item!r}: write it as section.field=value, e.g. recalibrate.steps=10")
         key, raw = item.split("=", 1)
-        _set_path(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else "")
+        _set_path(tree, key.strip(), load_yaml(raw) if raw.strip() else "")
     return tree
 
 
@@ -98,7 +120,8 @@ def load_tree(spec_or_preset: str) -> dict:
         if not path.is_file():
             raise SpecError(f"unknown preset {spec_or_preset!r}: choose one of {', '.join(preset_names())} or give a YAML file")
     try:
-        tree = yaml.safe_load(path.read_text()) or {}
+        with open(path) as f:  # a stream, so errors name the file
+            tree = load_yaml(f) or {}
     except yaml.YAMLError as e:
         raise SpecError(f"spec file {path}: not valid YAML ({str(e).splitlines()[0]})") from None
     if not isinstance(tree, dict):

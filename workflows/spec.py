@@ -12,11 +12,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import yaml
-
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
-from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_tree, preset_names, to_dict  # noqa: F401
+from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_tree, load_yaml, preset_names, to_dict  # noqa: F401
 from workflows.stages.drop_rope import DropRopeSpec
 from workflows.stages.evaluate import EvalConfig
 from workflows.stages.fetch import ModelSpec
@@ -96,4 +94,4 @@ def load_spec(spec_or_preset: str, overrides: list[str] | None = None) -> Workfl
 
 def spec_from_yaml(text: str) -> WorkflowSpec:
     """The WorkflowSpec a run's spec.yaml holds."""
-    return from_dict(WorkflowSpec, yaml.safe_load(text))
+    return from_dict(WorkflowSpec, load_yaml(text))

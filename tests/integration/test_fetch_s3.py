@@ -107,16 +107,62 @@ def test_corrupted_object_is_detected_and_nothing_is_left(s3_bucket, s3_env, sha
     assert list(tmp_path.iterdir()) == [], "a failed fetch left files behind"
 
 
-def test_prefix_without_manifest_is_refused(s3_bucket, s3_env, sharded_debug_checkpoint, tmp_path):
-    uri = f"s3://{s3_bucket}/half"
-    storage.put_checkpoint(sharded_debug_checkpoint, uri)
-    _s3(s3_env).delete_object(Bucket=s3_bucket, Key=f"half/{mf.MANIFEST_NAME}")  # as if cut off before it
-    assert storage.exists(uri) and not storage.checkpoint_complete(uri)
+def _upload_plain(s3_env, bucket, prefix, ckpt, skip=()):
+    """A checkpoint as another tool leaves it in S3: its files, no drope-manifest.json."""
+    for p in ckpt.iterdir():
+        if p.is_file() and p.name != mf.MANIFEST_NAME and p.name not in skip:
+            _s3(s3_env).upload_file(str(p), bucket, f"{prefix}/{p.name}")
+    return f"s3://{bucket}/{prefix}"
+
+
+def test_plain_hugging_face_checkpoint_in_s3_is_fetched_and_verified(
+        s3_bucket, s3_env, sharded_debug_checkpoint, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    uri = _upload_plain(s3_env, s3_bucket, "plain", sharded_debug_checkpoint)
+    assert not storage.checkpoint_complete(uri)
     with pytest.raises(CheckpointError, match="has no drope-manifest.json"):
-        storage.get_checkpoint(uri, tmp_path / "x")
+        storage.get_checkpoint(uri, tmp_path / "x")  # a stage output without manifest is still half-written
     r = _cli("fetch", uri, str(tmp_path / "y"), "--no-progress")
-    assert r.returncode == 2 and "has no drope-manifest.json" in r.stderr
-    assert "Traceback" not in r.stderr and not (tmp_path / "y").exists()
+    assert r.returncode == 0, r.stderr
+    assert mf.verify_manifest(tmp_path / "y") == []  # the manifest written locally matches every file
+    assert mf.read_manifest(tmp_path / "y")["source"] == uri
+    ours = AutoModelForCausalLM.from_pretrained(tmp_path / "y")
+    theirs = AutoModelForCausalLM.from_pretrained(sharded_debug_checkpoint)
+    for (k, a), (_, b) in zip(ours.state_dict().items(), theirs.state_dict().items()):
+        torch.testing.assert_close(a, b, msg=k)
+
+
+def _one_line_fetch_error(uri, dest):
+    r = _cli("fetch", uri, str(dest), "--no-progress")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "Traceback" not in r.stderr and not dest.exists()
+    return r.stderr
+
+
+def test_plain_checkpoint_with_a_missing_or_foreign_shard_is_refused(
+        s3_bucket, s3_env, sharded_debug_checkpoint, tmp_path):
+    shards = sorted(p.name for p in sharded_debug_checkpoint.glob("model-*.safetensors"))
+    uri = _upload_plain(s3_env, s3_bucket, "missing", sharded_debug_checkpoint, skip=(shards[1],))
+    err = _one_line_fetch_error(uri, tmp_path / "a")
+    assert shards[1] in err and "index" in err
+    # every shard there, but one is another save's (its tensors are not the ones the index puts in it)
+    uri = _upload_plain(s3_env, s3_bucket, "foreign", sharded_debug_checkpoint)
+    _s3(s3_env).upload_file(str(sharded_debug_checkpoint / shards[0]), s3_bucket, f"foreign/{shards[1]}")
+    err = _one_line_fetch_error(uri, tmp_path / "b")
+    assert shards[1] in err and "tensor" in err
+    # a truncated shard: shorter than its header says
+    uri = _upload_plain(s3_env, s3_bucket, "cut", sharded_debug_checkpoint)
+    body = (sharded_debug_checkpoint / shards[0]).read_bytes()
+    _s3(s3_env).put_object(Bucket=s3_bucket, Key=f"cut/{shards[0]}", Body=body[:-16])
+    err = _one_line_fetch_error(uri, tmp_path / "c")
+    assert shards[0] in err and "truncated" in err
+
+
+def test_plain_checkpoint_without_tokenizer_is_refused(s3_bucket, s3_env, debug_checkpoint, tmp_path):
+    uri = _upload_plain(s3_env, s3_bucket, "notok", debug_checkpoint, skip=("tokenizer.json",))
+    err = _one_line_fetch_error(uri, tmp_path / "d")
+    assert "no tokenizer files" in err and "tokenizer.json" in err and uri in err
 
 
 def test_missing_bucket_and_unknown_scheme_are_one_line_errors(s3_env, tmp_path, debug_checkpoint):

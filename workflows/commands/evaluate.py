@@ -65,6 +65,26 @@ def main_fit_temperature(argv: list[str]) -> int:
     return 0
 
 
+def _check_eval_paths(args) -> None:
+    """Refuse, before any model loads, an existing OUTPUT (as every command does) and checkpoints
+    that are not directories or have no tokenizer."""
+    from pathlib import Path
+
+    from drope_ops.checkpoint_policy import tokenizer_problem
+
+    out = Path(args.output)
+    if (out.is_file() or (out.is_dir() and any(out.iterdir()))) and not args.overwrite:
+        raise SpecError(f"{out}: already exists; choose a new destination, remove it first, or pass --overwrite")
+    for flag, ckpt in (("--drope", args.drope), ("--base", args.base)):
+        if ckpt is None:
+            continue
+        if not Path(ckpt).is_dir():
+            raise SpecError(f"{flag} {ckpt}: not a checkpoint directory; give the directory drope fetch or "
+                            f"drop-rope wrote")
+        if problem := tokenizer_problem([p.name for p in Path(ckpt).iterdir()], f"{flag} {ckpt}"):
+            raise SpecError(problem)
+
+
 def main_eval(argv: list[str]) -> int:
     from workflows.stages.evaluate import EvalConfig, evaluate
 
@@ -87,8 +107,10 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--longbench-limit", type=int)
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--overwrite", action="store_true", help="replace the results in an existing OUTPUT")
     _data_args(p)
     args = p.parse_args(argv)
+    _check_eval_paths(args)
     if args.original_context is None and not args.drope:
         raise SpecError("--original-context is required without --drope (C_train of the base model, e.g. 2048 "
                         "for SmolLM2: its config says 8192)")

@@ -39,6 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 def build_configs(preset_name: str | None, config_file: str | None, overrides: list[str]):
     """(RecalibrateConfig, DataConfig) from a preset, then a YAML file, then --set overrides."""
     from drope_ops.data import DataConfig
+    from workflows.config import load_yaml
     from workflows.stages.recalibrate import RecalibrateConfig, preset_sections
 
     tree: dict = {"recalibrate": {}, "data": {}}
@@ -46,7 +47,8 @@ def build_configs(preset_name: str | None, config_file: str | None, overrides: l
         tree["recalibrate"], tree["data"] = preset_sections(preset_name)
     if config_file:
         try:
-            loaded = yaml.safe_load(Path(config_file).read_text()) or {}
+            with open(config_file) as f:
+                loaded = load_yaml(f) or {}
         except (OSError, yaml.YAMLError) as e:
             raise SpecError(f"--config {config_file}: cannot read it as YAML ({e.__class__.__name__})") from None
         unknown = set(loaded) - set(tree)
@@ -59,7 +61,7 @@ def build_configs(preset_name: str | None, config_file: str | None, overrides: l
         section, _, name = key.strip().partition(".")
         if not sep or section not in tree or not name:
             raise SpecError(f"--set {item!r} must look like recalibrate.FIELD=VALUE or data.FIELD=VALUE")
-        tree[section][name] = yaml.safe_load(raw)
+        tree[section][name] = load_yaml(raw)
     for section, cls in (("recalibrate", RecalibrateConfig), ("data", DataConfig)):
         known = {f.name for f in fields(cls)}
         bad = set(tree[section]) - known

@@ -18,7 +18,7 @@ import yaml
 from drope_ops import storage
 from drope_ops.errors import SpecError
 from workflows import stages
-from workflows.config import PRESETS_DIR, apply_overrides, from_dict, preset_names, to_dict
+from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_yaml, preset_names, to_dict
 from workflows.ledger import Ledger
 from workflows.pipeline import run_pipeline, stage_names
 from workflows.runs import drope_home, find_run, remember, storage_root
@@ -96,7 +96,7 @@ def main_run(argv: list[str]) -> int:
 
 def _load_run_spec(run_uri: str, overrides: list[str]) -> WorkflowSpec:
     """The run's spec.yaml with --set overrides applied."""
-    tree = yaml.safe_load(Ledger(run_uri).read_spec())
+    tree = load_yaml(Ledger(run_uri).read_spec())
     return from_dict(WorkflowSpec, apply_overrides(tree, overrides))
 
 

@@ -8,7 +8,9 @@ writes the DroPE checkpoint (manifest last) and publishes it to the run's storag
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from drope_ops.choices import check_choices
 from drope_ops.errors import SpecError
@@ -41,7 +43,12 @@ def run(spec, ctx) -> dict:
     with stage_io.output_dir(ctx.output) as out:
         drop_rope(src, out, qk_norm=d.qk_norm, qk_norm_scope=d.qk_norm_scope, rope_layers=d.rope_layers or None,
                   nope_every=d.nope_every, original_context=spec.model.original_context)
-    return {"qk_norm": d.qk_norm, "rope_layers": len(d.rope_layers)}
+        config = json.loads((Path(out) / "config.json").read_text())
+    removed = config.get("source_rope_parameters") or {}
+    return {"qk_norm": d.qk_norm, "rope_layers": len(d.rope_layers),
+            "original_context": config["original_max_position_embeddings"],  # C_train, before any scaling
+            "removed_rope_scaling": removed.get("rope_type", removed.get("type", "none")),
+            "removed_rope_factor": removed.get("factor", 1.0)}
 
 
 STAGE = Stage(name="drop_rope", run=run, sections=("drop_rope", "model.original_context"), inputs=(SOURCE,),
