@@ -147,6 +147,9 @@ def drope_config(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_lay
     if qk_norm_scope not in QK_NORM_SCOPES:
         raise CheckpointError(f"qk_norm_scope={qk_norm_scope!r}: choose one of {', '.join(QK_NORM_SCOPES)}")
     fields = {k: v for k, v in src_config.items() if k not in _DROPPED_KEYS and k != "model_type"}
+    if original_context is not None and not int(original_context) >= 1:
+        raise CheckpointError(f"original_context={original_context}: C_train must be >= 1 tokens (e.g. 2048), "
+                              f"or leave it unset for the config's")
     scaling = rope_scaling(src_config)
     context = original_context or pretraining_context(src_config, scaling)
     if not context or int(context) < 1:

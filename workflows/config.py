@@ -52,6 +52,11 @@ def _number_type(tp) -> type | None:
     return next(iter(args)) if len(args) == 1 and next(iter(args)) in (int, float) else None
 
 
+def _is_list(tp) -> bool:
+    """Fields typed list[...] (or list[...] | None)."""
+    return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
+
+
 def from_dict(cls, data: dict | None, where: str = ""):
     """Build dataclass `cls` from a plain dict; unknown keys are refused with the closest known name."""
     data = dict(data or {})
@@ -69,6 +74,8 @@ def from_dict(cls, data: dict | None, where: str = ""):
             value = from_dict(tp, value, f"{where}{name}.")
         elif dataclasses.is_dataclass(tp) and value is not None:
             raise SpecError(f"spec field {where}{name} must be a mapping, got {value!r}")
+        elif _is_list(tp) and value is not None and not isinstance(value, (list, tuple)):
+            raise SpecError(f"spec field {where}{name}={value!r}: must be a list, e.g. {where}{name}=[{value}]")
         elif isinstance(value, str) and _number_type(tp):
             # YAML 1.1 reads 1e-3 (no dot) as a string: convert, or name the field
             try:

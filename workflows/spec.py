@@ -31,6 +31,16 @@ class StorageSpec:
     """The local `root` is a file system every Ray node mounts (NFS, Lustre): allow it on a multi-node
     cluster. Off: a multi-node run needs s3:// storage."""
 
+    def __post_init__(self):
+        scheme = self.root.partition("://")[0] if "://" in self.root else ""
+        if scheme and scheme != "s3":
+            raise SpecError(f"storage.root={self.root!r}: {scheme}:// is not supported; use a local directory "
+                            f"or s3://BUCKET/PREFIX")
+
+
+TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "mssql", "databricks")
+"""URI schemes MLflow tracks to (a database scheme may carry a driver: postgresql+psycopg2)."""
+
 
 @dataclass
 class TrackingSpec:
@@ -39,6 +49,12 @@ class TrackingSpec:
     experiment: str = ""
     """MLflow experiment ('' = the spec's name, i.e. one experiment per model preset)."""
 
+    def __post_init__(self):
+        scheme = self.uri.partition(":")[0] if ":" in self.uri else ""
+        if scheme and scheme.split("+")[0] not in TRACKING_SCHEMES:
+            raise SpecError(f"tracking.uri={self.uri!r}: {scheme}: is not an MLflow tracking URI; use "
+                            f"http(s)://HOST:PORT, sqlite:///FILE, file:///DIR or a database URI")
+
 
 @dataclass
 class RaySpec:
@@ -46,6 +62,10 @@ class RaySpec:
     """Ray cluster to join from the driver ('' = inside a Ray job: its cluster; else a local one)."""
     num_cpus: int | None = None
     """CPUs of the local Ray instance `drope run` starts (None = all)."""
+
+    def __post_init__(self):
+        if self.num_cpus is not None and not (isinstance(self.num_cpus, int) and self.num_cpus >= 1):
+            raise SpecError(f"ray.num_cpus={self.num_cpus!r}: give a whole number >= 1, or leave it unset for all")
 
 
 @dataclass

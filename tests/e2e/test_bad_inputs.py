@@ -69,10 +69,23 @@ def bad_checkpoints(tmp_path_factory, debug_checkpoint, moto_server):
                       **{k.lower(): v for k, v in s3_env_vars(moto_server).items() if k.startswith("AWS_") and "KEY" in k})
     bucket = "drope-bad-inputs"
     s3.create_bucket(Bucket=bucket)
-    for p in debug_checkpoint.iterdir():
-        if p.is_file() and p.name != "drope-manifest.json":
-            s3.upload_file(str(p), bucket, f"models/no-manifest/{p.name}")
-    out["s3_no_manifest"] = f"s3://{bucket}/models/no-manifest"
+    for p in debug_checkpoint.iterdir():  # a plain HF layout fetch accepts, but without its tokenizer
+        if p.is_file() and p.name not in ("drope-manifest.json", "tokenizer.json"):
+            s3.upload_file(str(p), bucket, f"models/no-tokenizer/{p.name}")
+    out["s3_no_tokenizer"] = f"s3://{bucket}/models/no-tokenizer"
+
+    no_tokenizer = root / "no-tokenizer"
+    shutil.copytree(debug_checkpoint, no_tokenizer)
+    (no_tokenizer / "tokenizer.json").unlink()
+    out["no_tokenizer"] = no_tokenizer
+    duplicate_key = root / "duplicate-key.yaml"
+    duplicate_key.write_text("extends: debug\nname: debug\nrecalibrate:\n  steps: 3\n  lr: 1e-3\n  steps: 30\n")
+    out["duplicate_key"] = duplicate_key
+    earlier_eval = root / "earlier-eval"  # results a user already has: never overwritten without --overwrite
+    earlier_eval.mkdir()
+    (earlier_eval / "results.json").write_text('{"earlier": true}')
+    out["earlier_eval"] = earlier_eval
+    out["debug"] = debug_checkpoint
     return out
 
 
@@ -146,6 +159,39 @@ SPEC_CASES = [
     ("set-unknown-section", lambda b: ["run", "debug", "--set", "recalibrat.steps=3"], ["recalibrat"]),
     ("plan-unknown-field", lambda b: ["plan", "debug", "--set", "data.seqlen=64"], ["seqlen"]),
     ("lineage-unknown-run", lambda b: ["lineage", "no-such-run-42"], ["no-such-run-42"]),
+    # issue 17: mistakes caught before any work
+    ("duplicate-key", lambda b: ["run", str(b["duplicate_key"])], ["duplicate-key.yaml", "'steps'", "line 6"]),
+    ("duplicate-key-in-set", lambda b: ["plan", "debug", "--set", "recalibrate={steps: 1, steps: 2}"],
+     ["duplicate key 'steps'"]),
+    ("eval-existing-output", lambda b: ["eval", str(b["earlier_eval"]), "--base", str(b["debug"]), "--variants",
+                                        "rope", "--original-context", "128"], ["earlier-eval", "--overwrite"]),
+    ("eval-no-tokenizer", lambda b: ["eval", str(b["no_tokenizer"]) + "-eval", "--base", str(b["no_tokenizer"]),
+                                     "--variants", "rope", "--original-context", "128"],
+     ["--base", "no tokenizer files", "tokenizer.json"]),
+    ("eval-base-not-a-directory", lambda b: ["eval", "/tmp/drope-never-written", "--base", "/nonexistent/ckpt",
+                                             "--variants", "rope", "--original-context", "128"],
+     ["--base", "/nonexistent/ckpt"]),
+    ("fetch-no-tokenizer", lambda b: ["fetch", str(b["no_tokenizer"]), str(b["no_tokenizer"]) + "-fetched"],
+     ["no tokenizer files", "tokenizer.json"]),
+    ("eval-zero-context", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]), "--variants",
+                                     "rope", "--original-context", "0"], ["evaluate.original_context", ">= 1"]),
+    ("eval-negative-ppl-sequences", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                               "--variants", "rope", "--original-context", "128",
+                                               "--ppl-sequences", "-1"], ["evaluate.perplexity_sequences"]),
+    ("eval-zero-longbench-limit", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                             "--original-context", "128", "--variants", "rope",
+                                             "--longbench-limit", "0"], ["evaluate.longbench_limit"]),
+    ("drop-rope-zero-context", lambda b: ["drop-rope", str(b["debug"]), "/tmp/drope-never-written",
+                                          "--original-context", "0"], ["original_context=0"]),
+    ("list-given-a-number", lambda b: ["run", "debug", "--set", "fit_temperature.extension_factors=4"],
+     ["fit_temperature.extension_factors", "list", "[4]"]),
+    ("list-given-a-word", lambda b: ["run", "debug", "--set", "evaluate.variants=rope"],
+     ["evaluate.variants", "list", "[rope]"]),
+    ("ray-zero-cpus", lambda b: ["run", "debug", "--set", "ray.num_cpus=0"], ["ray.num_cpus", ">= 1"]),
+    ("storage-unknown-scheme", lambda b: ["run", "debug", "--set", "storage.root=gs://b/runs"],
+     ["storage.root", "gs://", "s3://"]),
+    ("tracking-unknown-scheme", lambda b: ["run", "debug", "--set", "tracking.uri=ftp://x"], ["tracking.uri", "ftp"]),
+    ("source-unknown-scheme", lambda b: ["run", "debug", "--set", "model.source=gs://b/m"], ["model.source", "gs://"]),
 ]
 
 # These pass spec validation, so a run starts and the failing stage must be recorded as FAILED.
@@ -160,8 +206,8 @@ STAGE_CASES = [
      ["/nonexistent/corpus.txt"]),
     ("missing-gguf", lambda b: ["--set", "model.source=/nonexistent/model.Q4_1.gguf"], "fetch",
      ["/nonexistent/model.Q4_1.gguf"]),
-    ("s3-prefix-without-manifest", lambda b: ["--set", f"model.source={b['s3_no_manifest']}"], "fetch",
-     ["s3://drope-bad-inputs/models/no-manifest"]),
+    ("s3-checkpoint-without-tokenizer", lambda b: ["--set", f"model.source={b['s3_no_tokenizer']}"], "fetch",
+     ["s3://drope-bad-inputs/models/no-tokenizer", "no tokenizer files"]),
     ("hf-source-offline", lambda b: ["--set", "model.source=hf://HuggingFaceTB/SmolLM2-135M"], "fetch",
      ["HuggingFaceTB/SmolLM2-135M"]),
     ("data-text-field-missing", lambda b: ["--set", f"data.source={b['wrong_column']}", "--set",
@@ -185,6 +231,8 @@ def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env, m
     for w in words:
         assert w in line, line
     assert set(Path(env["DROPE_HOME"]).glob("runs/*")) == runs_before  # nothing created
+    assert not Path("/tmp/drope-never-written").exists()
+    assert json.loads((bad_checkpoints["earlier_eval"] / "results.json").read_text()) == {"earlier": True}
 
 
 @pytest.mark.parametrize("case, extra, stage, words", STAGE_CASES, ids=[c[0] for c in STAGE_CASES])

@@ -95,8 +95,11 @@ class EvalConfig:
             raise SpecError(f"evaluate.samples_per_cell={self.samples_per_cell}: must be >= 1")
         if any(not 0 <= d <= 100 for d in self.depths):
             raise SpecError(f"evaluate.depths={self.depths}: percentages in 0..100")
-        if self.max_new_tokens < 1:
-            raise SpecError(f"evaluate.max_new_tokens={self.max_new_tokens}: must be >= 1")
+        for name in ("max_new_tokens", "perplexity_sequences", "longbench_limit", "original_context"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, int) and value >= 1):
+                raise SpecError(f"evaluate.{name}={value!r}: must be a whole number >= 1"
+                                + ("" if name == "max_new_tokens" or name == "perplexity_sequences" else " (or unset)"))
         if "longbench" in self.tasks and not self.longbench_path:
             raise SpecError("evaluate.tasks has 'longbench' but evaluate.longbench_path is empty; point it at "
                             "LongBench's data folder (jsonl or parquet), or drop the task")

@@ -35,6 +35,10 @@ class ModelSpec:
             raise SpecError(f"model.original_context={self.original_context}: must be a positive token count")
         if self.source.startswith("asset:") and self.source not in ASSETS:  # before a run is created
             raise SpecError(f"model.source {self.source!r}: unknown asset; known: {', '.join(ASSETS)}")
+        scheme = self.source.partition("://")[0] if "://" in self.source else ""
+        if scheme and scheme not in ("hf", "s3"):
+            raise SpecError(f"model.source {self.source!r}: {scheme}:// is not supported; use hf://ORG/NAME, "
+                            f"s3://BUCKET/PREFIX, a local directory or a .gguf file")
 
 
 def _debug_llama() -> str:
