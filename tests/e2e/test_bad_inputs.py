@@ -63,7 +63,7 @@ def bad_checkpoints(tmp_path_factory, debug_checkpoint, moto_server):
     wrong_column = root / "corpus.jsonl"  # rows carry "body", the spec asks for "content"
     wrong_column.write_text("".join(json.dumps({"body": "to be or not to be " * 40}) + "\n" for _ in range(20)))
     out["wrong_column"] = wrong_column
-    import boto3  # an S3 prefix with a checkpoint's files but no drope-manifest.json
+    import boto3  # a plain HF layout in S3 (no drope-manifest.json) that lacks its tokenizer
 
     s3 = boto3.client("s3", endpoint_url=moto_server, region_name="us-east-1",
                       **{k.lower(): v for k, v in s3_env_vars(moto_server).items() if k.startswith("AWS_") and "KEY" in k})

@@ -167,3 +167,26 @@ def test_gguf_source_goes_through_the_gguf_import(tmp_path):
     with pytest.raises(CheckpointError, match="GGUF|gguf"):
         fetch(str(bogus), str(tmp_path / "dst"), progress=False)
     assert not (tmp_path / "dst").exists()
+
+
+def test_plain_local_checkpoint_is_checked_against_its_index_and_headers(sharded_debug_checkpoint, tmp_path, capsys):
+    from workflows.cli import main as cli_main
+
+    plain = tmp_path / "plain"
+    shutil.copytree(sharded_debug_checkpoint, plain)
+    (plain / mf.MANIFEST_NAME).unlink(missing_ok=True)
+    assert cli_main(["fetch", str(plain), str(tmp_path / "ok"), "--no-progress"]) == 0
+    assert mf.verify_manifest(tmp_path / "ok") == [] and mf.read_manifest(tmp_path / "ok")["source"] == str(plain)
+    shard = sorted(plain.glob("model-*.safetensors"))[-1]
+    shard.unlink()
+    capsys.readouterr()
+    assert cli_main(["fetch", str(plain), str(tmp_path / "bad"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert shard.name in err and "index" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "bad").exists()
+
+
+def test_tokenizer_problem_names_the_files_and_the_fix():
+    assert policy.tokenizer_problem(["config.json", "tokenizer.model"], "x") is None
+    problem = policy.tokenizer_problem(["config.json", "tokenizer_config.json", "model.safetensors"], "s3://b/m")
+    assert "s3://b/m has no tokenizer files" in problem and "tokenizer.json" in problem and "copy" in problem
