@@ -38,6 +38,13 @@ def tokenizer_problem(names, where: str) -> str | None:
             f"of the model it came from into it (tokenizer.json and tokenizer_config.json) and try again")
 
 
+def check_tokenizer(names, where: str) -> None:
+    """Raise CheckpointError (one line) unless `names` carry a tokenizer: checked at fetch, after the
+    architecture, so a missing tokenizer never surfaces minutes later inside a Ray Train worker."""
+    if problem := tokenizer_problem(names, where):
+        raise CheckpointError(problem)
+
+
 def allow_patterns(*, allow_pickle: bool = False, allow_code: bool = False) -> list[str]:
     """The huggingface_hub `allow_patterns` that fetch downloads."""
     return (CONFIG_FILES + TOKENIZER_FILES + SAFE_WEIGHTS + (PICKLE_WEIGHTS if allow_pickle else [])
@@ -69,8 +76,6 @@ def select_files(names: list[str], *, allow_pickle: bool = False, allow_code: bo
                               f"); point at a Hugging Face checkpoint directory")
     if "config.json" not in keep:
         raise CheckpointError(f"{where} has no config.json; point at a Hugging Face checkpoint directory")
-    if problem := tokenizer_problem(keep, where):
-        raise CheckpointError(problem)
     skipped = sorted(set(names) - set(keep))
     if skipped:
         log.info("not copied from %s: %s", where, ", ".join(skipped[:10]) + (" ..." if len(skipped) > 10 else ""))

@@ -145,6 +145,7 @@ def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult
     configs = {n: json.loads(storage.read_bytes(storage.join(source, n)))
                for n in ("config.json", "tokenizer_config.json") if n in names}
     check_rope_llama_config(configs["config.json"], source)  # before moving any weights
+    policy.check_tokenizer(names, source)
     transform = any(policy._matches(n, policy.PICKLE_WEIGHTS) for n in names) or (
         not opts["allow_code"] and any("auto_map" in c for c in configs.values()))
     wanted = {"format": src_manifest.get("format", "drope-manifest/1"), "source": source,
@@ -174,6 +175,7 @@ def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict) -> Fetch
         raise CheckpointError(f"{source} holds no files; check the prefix (`aws s3 ls {source}/`)")
     names = policy.select_files(list(sizes), where=source, **opts)
     check_rope_llama_config(json.loads(storage.read_bytes(storage.join(source, "config.json"))), source)
+    policy.check_tokenizer(names, source)
     cache = _cache_dir(source)
     client = storage.s3_client()
     bucket, _ = storage.split_s3(source)
@@ -244,11 +246,12 @@ def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
     if own is not None:  # a drope checkpoint: verify it against its own manifest first
         expected = {**{k: v["sha256"] for k, v in own["files"].items()}, **expected}
     names = policy.select_files(names, where=source, **opts)
-    if own is None and not expected:  # nothing recorded its hashes: check it against itself
-        check_shards(root, names, source)
     files = {n: root / n for n in names}
     config = json.loads(files["config.json"].read_text())
     check_rope_llama_config(config, source)
+    policy.check_tokenizer(names, source)
+    if own is None and not expected:  # nothing recorded its hashes: check it against itself
+        check_shards(root, names, source)
     if not opts["allow_code"]:
         for name in ("config.json", "tokenizer_config.json"):
             if name in files:
