@@ -14,13 +14,7 @@ import logging
 import sys
 
 from drope_ops.errors import SpecError
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises SpecError (one line, exit 2 through the CLI) instead of printing usage."""
-
-    def error(self, message):
-        raise SpecError(f"{message}; run `{self.prog} --help` for the options")
+from workflows.commands.parser import Parser
 
 
 def _data_args(p: argparse.ArgumentParser) -> None:
@@ -43,7 +37,7 @@ def _logging() -> None:
 def main_fit_temperature(argv: list[str]) -> int:
     from workflows.stages.fit_temperature import TemperatureConfig, fit_temperature
 
-    p = _Parser(prog="drope fit-temperature",
+    p = Parser(prog="drope fit-temperature",
                 description="Fit the DroPE logit scale beta per length and c in beta = 1 + c ln s.")
     p.add_argument("checkpoint", help="DroPE checkpoint directory (model_type drope)")
     p.add_argument("output", help="new directory: the same weights with logit_scale_c set (must not exist)")
@@ -88,7 +82,7 @@ def _check_eval_paths(args) -> None:
 def main_eval(argv: list[str]) -> int:
     from workflows.stages.evaluate import EvalConfig, evaluate
 
-    p = _Parser(prog="drope eval", description="NIAH / perplexity / LongBench against RoPE-scaling baselines.")
+    p = Parser(prog="drope eval", description="NIAH / perplexity / LongBench against RoPE-scaling baselines.")
     p.add_argument("output", help="directory for results.json, results.md and the PNGs")
     p.add_argument("--drope", help="DroPE checkpoint (fitted temperature); needed for variant drope")
     p.add_argument("--base", help="base RoPE checkpoint; needed for rope / pi / ntk / yarn")

@@ -10,15 +10,8 @@ from __future__ import annotations
 
 import argparse
 
-from drope_ops.errors import SpecError
 from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises SpecError (one line, exit 2 through the CLI) instead of printing usage."""
-
-    def error(self, message):
-        raise SpecError(f"{message}; run `drope {self.prog.split()[-1]} --help` for the options")
+from workflows.commands.parser import Parser
 
 
 def _layer_list(text: str) -> list[int]:
@@ -29,7 +22,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def main_drop_rope(argv: list[str]) -> int:
-    p = _Parser(prog="drope drop-rope", description="Drop RoPE from a Llama-family checkpoint and insert QK-norm.")
+    p = Parser(prog="drope drop-rope", description="Drop RoPE from a Llama-family checkpoint and insert QK-norm.")
     p.add_argument("src", help="Hugging Face checkpoint directory (safetensors, single or sharded)")
     p.add_argument("dst", help="new directory for the DroPE checkpoint (must not exist)")
     p.add_argument("--qk-norm", choices=QK_NORM_CHOICES, default="qk", help="RMSNorm on q and k (paper), q only, or none")
@@ -51,7 +44,7 @@ def main_drop_rope(argv: list[str]) -> int:
 
 
 def main_export(argv: list[str]) -> int:
-    p = _Parser(prog="drope export", description="Export a DroPE checkpoint natively or with its modeling code.")
+    p = Parser(prog="drope export", description="Export a DroPE checkpoint natively or with its modeling code.")
     p.add_argument("src", help="DroPE checkpoint directory")
     p.add_argument("dst", help="new directory for the export (must not exist)")
     p.add_argument("--format", choices=("native", "remote-code"), default="native",
@@ -65,7 +58,7 @@ def main_export(argv: list[str]) -> int:
 
 
 def main_import_gguf(argv: list[str]) -> int:
-    p = _Parser(prog="drope import-gguf", description="Convert a GGUF model file to a safetensors checkpoint.")
+    p = Parser(prog="drope import-gguf", description="Convert a GGUF model file to a safetensors checkpoint.")
     p.add_argument("file", help="the .gguf file")
     p.add_argument("dst", help="new directory for the checkpoint (must not exist)")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32",

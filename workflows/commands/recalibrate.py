@@ -19,10 +19,11 @@ from pathlib import Path
 import yaml
 
 from drope_ops.errors import SpecError
+from workflows.commands.parser import Parser
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="drope recalibrate", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="drope recalibrate", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", nargs="?", help="local DroPE (or Llama-family) checkpoint directory")
     p.add_argument("output", nargs="?", help="local directory for the consolidated checkpoint")
     p.add_argument("--preset", help="named preset (see --presets); the YAML and --set apply on top")

@@ -8,13 +8,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from workflows.commands.parser import Parser
+
 
 def main_fetch(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="drope fetch",
         description="Fetch a checkpoint (hf://ORG/NAME[@REV], s3://BUCKET/PREFIX, a directory or a "
                     ".gguf file) into a local directory or s3://BUCKET/PREFIX, with a sha256 manifest.")
