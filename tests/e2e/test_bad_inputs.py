@@ -192,6 +192,9 @@ SPEC_CASES = [
      ["storage.root", "gs://", "s3://"]),
     ("tracking-unknown-scheme", lambda b: ["run", "debug", "--set", "tracking.uri=ftp://x"], ["tracking.uri", "ftp"]),
     ("source-unknown-scheme", lambda b: ["run", "debug", "--set", "model.source=gs://b/m"], ["model.source", "gs://"]),
+    ("fetch-without-dest", lambda b: ["fetch", str(b["debug"])], ["dest", "drope fetch --help"]),
+    ("recalibrate-unknown-flag", lambda b: ["recalibrate", str(b["debug"]), "/tmp/drope-never-written", "--stepz",
+                                            "3"], ["--stepz", "drope recalibrate --help"]),
 ]
 
 # These pass spec validation, so a run starts and the failing stage must be recorded as FAILED.
