@@ -71,6 +71,14 @@ class Ledger:
     def write_run(self, run: dict) -> None:
         storage.write_bytes(self._run_path(), json.dumps(run, indent=1, sort_keys=True).encode())
 
+    def update_run(self, **fields) -> dict:
+        """Read-modify-write of run.json: only `fields` change, so another writer's fields (a
+        submission's id from `drope submit`) are kept. The driver writes under the run's lease."""
+        run = self.read_run() if self.exists() else {}
+        run.update(fields)
+        self.write_run(run)
+        return run
+
     def write_spec(self, spec_yaml: str) -> None:
         storage.write_bytes(storage.join(self.run_uri, "spec.yaml"), spec_yaml.encode())
 
