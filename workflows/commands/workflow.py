@@ -31,7 +31,7 @@ def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
     ledger = Ledger(run_uri)
     if not ledger.exists():
         ledger.write_spec(yaml.safe_dump(to_dict(spec), sort_keys=False))
-        ledger.write_run({"run_id": run_id, "name": spec.name, "attempts": 0, "status": "created"})
+        ledger.create_run({"run_id": run_id, "name": spec.name, "attempts": 0, "status": "created"})
     remember(run_id, run_uri, storage_root=storage_root(spec))
     return run_id, run_uri
 
