@@ -130,3 +130,30 @@ def test_mlflow_server_restarted_mid_recalibration(env, tmp_path):
         assert not list((Path(env["DROPE_HOME"]) / "runs" / "outage" / "tracking-buffer").rglob("*.json"))
     finally:
         stop_mlflow_server(server)
+
+
+def test_resume_after_a_killed_driver_closes_its_runs(env, mlflow_server, tmp_path):
+    """A driver killed -9 mid-recalibration leaves its lease and MLflow runs behind: `drope resume`
+    at once (the lease's pid is gone on this host) finishes the run and closes the left-over run KILLED."""
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    experiment = f"killed-{time.time_ns()}"
+    proc = drope(["run", "debug", "--run-id", "killed", "--set", f"tracking.experiment={experiment}",
+                  "--set", "recalibrate.steps=100", "--set", "recalibrate.checkpoint_every=50"], env,
+                 tmp_path / "driver.log")
+    record = Path(env["DROPE_HOME"]) / "runs" / "killed" / "ledger" / "recalibrate.json"
+    deadline = time.monotonic() + 600
+    while not (record.exists() and json.loads(record.read_text())["status"] == "running"):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert (Path(env["DROPE_HOME"]) / "runs" / "killed" / "lease.json").exists()  # left behind
+    client = MlflowClient(mlflow_server)
+    assert any(r.info.status == "RUNNING" for r in workflow_runs(client, experiment, "killed"))
+    proc = run_drope(["resume", "killed"], env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "closed MLflow run recalibrate#1" in proc.stdout, proc.stdout[-3000:]
+    runs = {r.data.tags.get("mlflow.runName"): r.info.status for r in workflow_runs(client, experiment, "killed")}
+    assert runs["recalibrate#1"] == "KILLED" and runs["recalibrate#2"] == "FINISHED", runs
+    assert "RUNNING" not in runs.values(), runs
+    assert status("killed", env)["run"]["status"] == "succeeded"
