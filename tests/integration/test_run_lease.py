@@ -22,6 +22,24 @@ def run_uri(request, tmp_path):
     return f"s3://{bucket}/runs/r1"
 
 
+def together(fn, n: int, expected=Exception) -> tuple[list, list]:
+    """Call fn in n threads started at once: (results, str of the `expected` exceptions raised)."""
+    results, errors = [], []
+
+    def call():
+        try:
+            results.append(fn())
+        except expected as e:
+            errors.append(str(e))
+
+    threads = [threading.Thread(target=call) for _ in range(n)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results, errors
+
+
 def test_second_lease_is_refused_naming_the_holder(run_uri):
     first = RunLease(run_uri, "r1").acquire()
     try:
@@ -41,19 +59,7 @@ def test_expired_lease_is_taken_over_by_exactly_one(run_uri):
     dead = RunLease(run_uri, "r1", ttl_s=1)
     storage.write_bytes(dead.uri, dead._body())  # a driver that took the lease and hung: no heartbeat
     time.sleep(1.5)
-    winners, losers = [], []
-
-    def take():
-        try:
-            winners.append(RunLease(run_uri, "r1").acquire())
-        except RunBusy as e:
-            losers.append(str(e))
-
-    threads = [threading.Thread(target=take) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    winners, losers = together(lambda: RunLease(run_uri, "r1").acquire(), 4, RunBusy)
     assert len(winners) == 1 and len(losers) == 3, (winners, losers)
     dead.renew()
     assert dead.lost  # the old holder learns it no longer owns the run
@@ -82,19 +88,7 @@ def test_heartbeat_keeps_the_lease(tmp_path):
 
 def test_experiment_created_by_concurrent_drivers(mlflow_server):
     name = f"race-{time.time_ns()}"
-    ids, errors = [], []
-
-    def open_tracker():
-        try:
-            ids.append(Tracker(mlflow_server, name).experiment_id)
-        except Exception as e:  # the assertion below shows it
-            errors.append(repr(e))
-
-    threads = [threading.Thread(target=open_tracker) for _ in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
+    ids, errors = together(lambda: Tracker(mlflow_server, name).experiment_id, 6)
     assert not errors and len(set(ids)) == 1 and len(ids) == 6, (errors, ids)
 
 
