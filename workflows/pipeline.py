@@ -114,9 +114,10 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> dict:
         _tidy_earlier_attempts(tracker, ledger, run_id, parent, stage_names(spec))
     except BaseException as e:
         err = _unwrap(e)
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (Ray's handler exits)
         ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, tracking_uri=tracking_uri,
-                          status=KILLED if isinstance(e, KeyboardInterrupt) else FAILED, error=_one_line(err))
-        if isinstance(err, (DropeError, KeyboardInterrupt)):
+                          status=KILLED if stopped else FAILED, error=_one_line(err))
+        if stopped or isinstance(err, DropeError):
             raise err from None
         raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {_one_line(err)}") from None
     run = ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, parent_run_id=parent,
