@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -70,6 +71,41 @@ class Ledger:
 
     def write_run(self, run: dict) -> None:
         storage.write_bytes(self._run_path(), json.dumps(run, indent=1, sort_keys=True).encode())
+
+    def create_run(self, run: dict) -> bool:
+        """Write run.json only where there is none (two `drope run --run-id X` at once: one record).
+        Local: a whole temp file hard-linked into place; S3: put_object(IfNoneMatch="*")."""
+        body = json.dumps(run, indent=1, sort_keys=True).encode()
+        path = self._run_path()
+        if storage.is_s3(path):
+            from botocore.exceptions import ClientError
+
+            bucket, key = storage.split_s3(path)
+            try:
+                storage.s3_client().put_object(Bucket=bucket, Key=key, Body=body, IfNoneMatch="*")
+            except ClientError as e:
+                if str(e.response.get("Error", {}).get("Code")) in ("PreconditionFailed", "412", "409",
+                                                                      "ConditionalRequestConflict"):
+                    return False
+                raise storage.s3_error(e, path) from None
+            return True
+        tmp = storage.join(self.run_uri, f".run.json.{os.getpid()}.tmp")
+        storage.write_bytes(tmp, body)
+        try:
+            os.link(tmp, path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            os.unlink(tmp)
+
+    def update_run(self, **fields) -> dict:
+        """Read-modify-write of run.json: only `fields` change, so another writer's fields (a
+        submission's id from `drope submit`) are kept. The driver writes under the run's lease."""
+        run = self.read_run() if self.exists() else {}
+        run.update(fields)
+        self.write_run(run)
+        return run
 
     def write_spec(self, spec_yaml: str) -> None:
         storage.write_bytes(storage.join(self.run_uri, "spec.yaml"), spec_yaml.encode())

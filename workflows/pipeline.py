@@ -24,10 +24,11 @@ import yaml
 from drope_ops import storage
 from drope_ops.errors import DropeError, SpecError
 from workflows import stages
+from workflows.lease import RunLease
 from workflows.ledger import FAILED, KILLED, RUNNING, SUCCEEDED, Ledger, StageRecord, fingerprint
 from workflows.spec import WorkflowSpec, to_dict
 from workflows.stage import Stage, StageContext
-from workflows.tracking import MlflowMetricsSink, Tracker, check_reachable, resolve_tracking_uri
+from workflows.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 log = logging.getLogger("drope.pipeline")
 
@@ -91,28 +92,44 @@ def _alive_nodes(ray) -> int:
     return sum(1 for n in ray.nodes() if n.get("Alive"))
 
 
-def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> dict:
-    """Run (or resume) the workflow `run_id` whose records live at `run_uri`. Returns the records."""
-    tracking_uri = resolve_tracking_uri(spec.tracking.uri, home)
-    check_reachable(tracking_uri)
-    ray = _resolve_ray(spec)
-    ledger = Ledger(run_uri)
-    spec_yaml = yaml.safe_dump(to_dict(spec), sort_keys=False)
-    run = ledger.read_run() if ledger.exists() else {"run_id": run_id, "name": spec.name, "attempts": 0}
-    tracker = Tracker(tracking_uri, spec.tracking.experiment or spec.name, home / "mlartifacts")
+def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, take_over: bool = False) -> dict:
+    """Run (or resume) the workflow `run_id` whose records live at `run_uri`. Returns the records.
 
-    run["attempts"] += 1
-    run["parent_run_id"] = tracker.start_parent(run_id, to_dict(spec), spec_yaml, run.get("parent_run_id", ""))
-    run.update(status=RUNNING, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id)
+    The run's lease is taken first: a second driver of the same run stops here, touching nothing."""
+    with RunLease(run_uri, run_id).acquire(take_over=take_over):
+        return _drive(spec, run_id, run_uri, home)
+
+
+def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> dict:
+    ledger = Ledger(run_uri)
+    tracking_uri = resolve_tracking_uri(spec.tracking.uri, home)
+    run = ledger.read_run() if ledger.exists() else {"run_id": run_id, "name": spec.name, "attempts": 0}
+    attempts = run.get("attempts", 0) + 1
+    try:  # anything failing before the first stage still ends in a FAILED run record, one line
+        check_reachable(tracking_uri)
+        ray = _resolve_ray(spec)
+        spec_yaml = yaml.safe_dump(to_dict(spec), sort_keys=False)
+        tracker = Tracker(tracking_uri, spec.tracking.experiment or spec.name, home / "mlartifacts", run_uri=run_uri)
+        parent = tracker.start_parent(run_id, to_dict(spec), spec_yaml, run.get("parent_run_id", ""))
+        _tidy_earlier_attempts(tracker, ledger, run_id, parent, stage_names(spec))
+    except BaseException as e:
+        err = _unwrap(e)
+        stopped = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (Ray's handler exits)
+        ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, tracking_uri=tracking_uri,
+                          status=KILLED if stopped else FAILED, error=_one_line(err))
+        if stopped or isinstance(err, DropeError):
+            raise err from None
+        raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {_one_line(err)}") from None
+    run = ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, parent_run_id=parent,
+                            status=RUNNING, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id, error="")
     ledger.write_spec(spec_yaml)
-    ledger.write_run(run)
 
     def on_sigterm(signum, frame):
         raise Terminated(f"signal {signum}")
 
     old_handler = signal.signal(signal.SIGTERM, on_sigterm)
     records: dict[str, StageRecord] = {}
-    status = SUCCEEDED
+    status, error = SUCCEEDED, ""
     try:
         # refused with the run and its MLflow parent marked FAILED, before any stage ran
         check_cluster_reach(spec, run_uri, tracking_uri, _alive_nodes(ray))
@@ -124,20 +141,31 @@ def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> d
                 log.info("[%s] already succeeded with this fingerprint: skipped (output %s)", stage.name, done.output)
                 print(f"[drope] {stage.name}: skipped, done in an earlier attempt ({done.output})", flush=True)
             else:
-                done = _run_stage(ray, spec, stage, fp, inputs, ledger, tracker, run_id, run_uri, run["parent_run_id"])
+                done = _run_stage(ray, spec, stage, fp, inputs, ledger, tracker, run_id, run_uri, parent)
             records[stage.name] = done
             if stage.role:
                 records[stage.role] = done
     except BaseException as e:
         status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
-        run["error"] = str(_unwrap(e)).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+        error = _one_line(_unwrap(e))
         raise _unwrap(e) from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
-        run["status"] = status
-        ledger.write_run(run)
-        tracker.end_run(run["parent_run_id"], status)
+        ledger.update_run(status=status, error=error)
+        tracker.end_run(parent, status)
     return records
+
+
+def _one_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+
+
+def _tidy_earlier_attempts(tracker, ledger, run_id: str, parent: str, names: list[str]) -> None:
+    """On resume: replay metrics buffered during a tracking outage, and close the MLflow runs an
+    earlier attempt left RUNNING, in the status its ledger record says (KILLED when it says running)."""
+    tracker.replay_buffered()
+    statuses = {r.mlflow_run_id: r.status for r in ledger.records(names) if r.status in (FAILED, KILLED)}
+    tracker.close_stale(run_id, parent, statuses)
 
 
 def _unwrap(e: BaseException) -> BaseException:
@@ -155,7 +183,7 @@ def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run
     print(f"[drope] {stage.name}: running (attempt {rec.attempts}) -> {out_uri}", flush=True)
     t0 = time.time()
     ctx = StageContext(run_id=run_id, run_uri=run_uri, fingerprint=fp, output=out_uri,
-                       sink=MlflowMetricsSink(tracker.uri, child),
+                       sink=tracker.sink(child),
                        inputs={k: v.output for k, v in inputs.items()},
                        input_results={k: v.result for k, v in inputs.items()})
     task = ray.remote(num_cpus=0, max_retries=0)(stage.run).remote(spec, ctx)
@@ -194,3 +222,7 @@ def _close(ledger, tracker, rec, child, status, **fields) -> None:
     """The ledger record and the stage's MLflow run end together, in the same status."""
     ledger.finish(rec, status, **fields)
     tracker.end_run(child, status, error=fields.get("error", ""))
+    try:  # the next successful call replays what the stage buffered during a tracking outage
+        tracker.replay_buffered(patient=False)
+    except Exception as e:
+        print(f"[drope] buffered metrics not replayed yet ({_one_line(e)}): `drope resume` replays them", flush=True)

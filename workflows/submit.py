@@ -56,7 +56,7 @@ def _runtime_env(run_uri: str) -> dict:
     return env
 
 
-def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
+def submit_run(spec, run_id: str, run_uri: str, address: str, take_over: bool = False) -> str:
     from ray.job_submission import JobSubmissionClient
 
     check_address(address)
@@ -70,7 +70,8 @@ def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
     while True:
         try:
             client.submit_job(
-                entrypoint=f"drope resume {shlex.quote(run_id)} --storage {shlex.quote(root)}",
+                entrypoint=f"drope resume {shlex.quote(run_id)} --storage {shlex.quote(root)}"
+                           + (" --take-over" if take_over else ""),
                 submission_id=submission_id,
                 runtime_env=_runtime_env(run_uri),
                 metadata={"drope_run_id": run_id, "attempt": str(n)},
@@ -81,8 +82,7 @@ def submit_run(spec, run_id: str, run_uri: str, address: str) -> str:
             if "No available agent" not in str(e) or time.monotonic() > deadline:
                 raise DropeError(f"--address {address}: the Ray cluster refused the job ({e})") from None
             time.sleep(2)
-    run.update(submissions=n, submission_id=submission_id, address=address)
-    ledger.write_run(run)
+    ledger.update_run(submissions=n, submission_id=submission_id, address=address)
     remember(run_id, run_uri, address=address, submission_id=submission_id)
     return submission_id
 

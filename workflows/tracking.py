@@ -19,6 +19,8 @@ import urllib.request
 from pathlib import Path
 
 from drope_ops.errors import SpecError
+from workflows.tracking_outage import (MetricsBuffer, PatientClient, bound_retries, call_with_timeout, is_outage,
+                                       patiently)
 
 _SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
 STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
@@ -73,33 +75,69 @@ def git_revision() -> str:
         return "unknown"
 
 
-class MlflowMetricsSink:
-    """Picklable metrics sink for stages (rank 0 of training, evaluation tasks): logs to one run."""
+OUTAGE_BACKOFF_S = 30  # after a failed call, buffer without trying the server for this long
 
-    def __init__(self, tracking_uri: str, run_id: str):
-        self.tracking_uri, self.run_id = tracking_uri, run_id
-        self._client = None
+
+class MlflowMetricsSink:
+    """Picklable metrics sink for stages (rank 0 of training, evaluation tasks): logs to one run.
+
+    With `buffer_uri` (the run's storage), metrics the tracking server does not take (its retry budget
+    spent) go to a MetricsBuffer there and are replayed by the next call that gets through."""
+
+    def __init__(self, tracking_uri: str, run_id: str, buffer_uri: str = ""):
+        self.tracking_uri, self.run_id, self.buffer_uri = tracking_uri, run_id, buffer_uri
+        self._client, self._down_until, self._buffered = None, 0.0, False
 
     def log_metrics(self, metrics: dict, step: int) -> None:
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
+        bound_retries()
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         ts = int(time.time() * 1000)
         batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
-        if batch:
+        if not batch:
+            return
+        if self.buffer_uri and time.monotonic() < self._down_until:
+            return self._buffer(batch)
+        try:
+            if self._buffered:
+                MetricsBuffer(self.buffer_uri).replay(self._client, self.run_id)
+                self._buffered = False
+                print(f"[drope] tracking server {self.tracking_uri} answers again: buffered metrics replayed", flush=True)
             self._client.log_batch(self.run_id, metrics=batch)
+        except Exception as e:
+            if not (self.buffer_uri and is_outage(e)):
+                raise
+            self._down_until = time.monotonic() + OUTAGE_BACKOFF_S
+            self._buffer(batch)
+
+    def _buffer(self, batch) -> None:
+        buf = MetricsBuffer(self.buffer_uri)
+        buf.put(self.run_id, [(m.key, m.value, m.timestamp, m.step) for m in batch])
+        if not self._buffered:
+            print(f"[drope] tracking server {self.tracking_uri} is not answering: metrics of MLflow run {self.run_id} "
+                  f"are buffered to {buf.root} and replayed when it answers (or by `drope resume`)", flush=True)
+        self._buffered = True
 
     def fill_history(self, history: list[dict]) -> None:
         """Log the rows of `history` ({"step": N, metric: value, ...}) whose step this run lacks."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
+        bound_retries()
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         keys = {k for h in history for k in h if k != "step"}
-        have = {k: {m.step for m in self._client.get_metric_history(self.run_id, k)} for k in keys}
+        try:
+            have = {k: {m.step for m in self._client.get_metric_history(self.run_id, k)} for k in keys}
+        except Exception as e:
+            if not (self.buffer_uri and is_outage(e)):
+                raise
+            print(f"[drope] tracking server {self.tracking_uri} is not answering: the restored loss history is "
+                  "not back-filled in MLflow this attempt", flush=True)
+            return
         ts = int(time.time() * 1000)
         rows = [Metric(k, float(v), ts, int(h["step"])) for h in history for k, v in h.items()
                 if k != "step" and isinstance(v, (int, float)) and int(h["step"]) not in have[k]]
@@ -109,32 +147,77 @@ class MlflowMetricsSink:
     def log_artifact(self, path: str, artifact_path: str | None = None) -> None:
         from mlflow import MlflowClient
 
+        bound_retries()
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
-        self._client.log_artifact(self.run_id, path, artifact_path)
+        try:
+            self._client.log_artifact(self.run_id, path, artifact_path)
+        except Exception as e:
+            if not (self.buffer_uri and is_outage(e)):
+                raise
+            print(f"[drope] tracking server {self.tracking_uri} is not answering: {Path(path).name} not logged to "
+                  f"MLflow run {self.run_id} (the stage's output in storage has it)", flush=True)
 
     def __getstate__(self):
-        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "_client": None}
+        return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "buffer_uri": self.buffer_uri,
+                "_client": None, "_down_until": 0.0, "_buffered": self._buffered}
+
+
+END_RUN_TIMEOUT_S = 10  # end_run (system-metrics monitor included) never holds the driver longer
 
 
 class Tracker:
-    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None):
+    def __init__(self, uri: str, experiment: str, artifact_root: Path | None = None, run_uri: str = ""):
         import mlflow
         from mlflow import MlflowClient
 
-        self.uri = uri
+        bound_retries()
+        self.uri, self.run_uri = uri, run_uri
         mlflow.set_tracking_uri(uri)
-        self.client = MlflowClient(uri)
-        exp = self.client.get_experiment_by_name(experiment)
-        if exp is None:
-            location = None
-            if artifact_root is not None and not uri.startswith(("http://", "https://")):
-                artifact_root.mkdir(parents=True, exist_ok=True)
-                location = artifact_root.resolve().as_uri()
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
-        else:
-            self.experiment_id = exp.experiment_id
+        self.client = PatientClient(MlflowClient(uri), uri)
+        location = None
+        if artifact_root is not None and not uri.startswith(("http://", "https://")):
+            artifact_root.mkdir(parents=True, exist_ok=True)
+            location = artifact_root.resolve().as_uri()
+        self.experiment_id = self._get_or_create_experiment(experiment, location)
         self._monitors = {}
+
+    def _get_or_create_experiment(self, name: str, location: str | None) -> str:
+        """The experiment's id; another driver creating it at the same moment is fine (re-get it)."""
+        from mlflow.exceptions import MlflowException
+
+        exp = self.client.get_experiment_by_name(name)
+        if exp is not None:
+            return exp.experiment_id
+        try:
+            return self.client.create_experiment(name, artifact_location=location)
+        except MlflowException as e:
+            if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
+                raise
+            return self.client.get_experiment_by_name(name).experiment_id
+
+    def sink(self, rid: str) -> MlflowMetricsSink:
+        return MlflowMetricsSink(self.uri, rid, self.run_uri)
+
+    def replay_buffered(self, patient: bool = True) -> None:
+        """Log what was buffered while the server was away (`drope resume`; after each stage, impatiently)."""
+        if self.run_uri:
+            buf = MetricsBuffer(self.run_uri)
+            if buf.pending():
+                n = buf.replay(self.client if patient else self.client.raw)
+                print(f"[drope] replayed {n} buffered metrics from {buf.root} to {self.uri}", flush=True)
+
+    def close_stale(self, run_id: str, keep: str, statuses: dict[str, str]) -> None:
+        """End every MLflow run of workflow run `run_id` left RUNNING by an earlier attempt (except
+        `keep`): as the ledger says (`statuses`: MLflow run id -> failed / killed), else KILLED."""
+        runs = self.client.search_runs([self.experiment_id], f"tags.`drope.run_id` = '{run_id}' and "
+                                       "attributes.status = 'RUNNING'", max_results=1000)
+        for r in runs:
+            if r.info.run_id != keep:
+                status = statuses.get(r.info.run_id, "killed")
+                self.client.set_terminated(r.info.run_id, status=STATUS.get(status, "KILLED"))
+                print(f"[drope] closed MLflow run {r.data.tags.get('mlflow.runName', r.info.run_id)} an earlier "
+                      f"attempt left RUNNING: {STATUS.get(status, 'KILLED')}", flush=True)
 
     # -- runs -------------------------------------------------------------------------------------
     def start_parent(self, run_id: str, spec_tree: dict, spec_yaml: str, existing: str = "") -> str:
@@ -164,15 +247,22 @@ class Tracker:
         return rid
 
     def end_run(self, rid: str, status: str, error: str = "") -> None:
+        """Close the run within END_RUN_TIMEOUT_S; a server that does not answer gets the close buffered
+        (replayed by `drope resume`), never a driver blocked on it."""
         monitor = self._monitors.pop(rid, None)
-        if monitor is not None:
-            try:
-                monitor.finish()
-            except Exception:  # system metrics are best effort; never mask the stage's own outcome
-                pass
-        if error:
-            self.client.set_tag(rid, "drope.error", error[:4000])
-        self.client.set_terminated(rid, status=STATUS.get(status, status))
+        if monitor is not None:  # system metrics are best effort; never mask the stage's own outcome
+            call_with_timeout(monitor.finish, END_RUN_TIMEOUT_S / 2, "system-metrics")
+
+        def close():
+            if error:
+                self.client.raw.set_tag(rid, "drope.error", error[:4000])
+            self.client.raw.set_terminated(rid, status=STATUS.get(status, status))
+
+        if not call_with_timeout(close, END_RUN_TIMEOUT_S, "end-run"):
+            if self.run_uri:
+                MetricsBuffer(self.run_uri).put_close(rid, STATUS.get(status, status), error)
+            print(f"[drope] tracking server {self.uri} did not take the end of MLflow run {rid} "
+                  f"({STATUS.get(status, status)}) within {END_RUN_TIMEOUT_S}s: `drope resume` closes it", flush=True)
 
     def _start_system_metrics(self, rid: str) -> None:
         try:
@@ -196,7 +286,7 @@ class Tracker:
             self.client.log_artifact(rid, path, artifact_path)
 
     def log_metrics(self, rid: str, metrics: dict, step: int = 0) -> None:
-        MlflowMetricsSink(self.uri, rid).log_metrics(metrics, step)
+        self.sink(rid).log_metrics(metrics, step)
 
     def log_dataset(self, rid: str, name: str, source: str, digest: str, context: str) -> None:
         from mlflow.entities import Dataset, DatasetInput, InputTag
@@ -212,7 +302,7 @@ class Tracker:
 
         tags = {"drope.uri": uri, "drope.fingerprint": fingerprint, "drope.parent_model_id": parent_model_id,
                 "drope.data": data}
-        model = mlflow.create_external_model(
+        model = patiently(self.uri, "create_external_model", mlflow.create_external_model,
             name=name, source_run_id=rid, tags=tags, params=flatten(extra or {}), model_type="drope-checkpoint",
             experiment_id=self.experiment_id,
         )

@@ -31,7 +31,7 @@ def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
     ledger = Ledger(run_uri)
     if not ledger.exists():
         ledger.write_spec(yaml.safe_dump(to_dict(spec), sort_keys=False))
-        ledger.write_run({"run_id": run_id, "name": spec.name, "attempts": 0, "status": "created"})
+        ledger.create_run({"run_id": run_id, "name": spec.name, "attempts": 0, "status": "created"})
     remember(run_id, run_uri, storage_root=storage_root(spec))
     return run_id, run_uri
 
@@ -41,9 +41,14 @@ def _spec_args(p: argparse.ArgumentParser) -> None:
                    help="override a spec field, e.g. --set recalibrate.steps=10 (repeatable)")
 
 
-def _execute(spec: WorkflowSpec, run_id: str, run_uri: str) -> int:
+def _take_over_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--take-over", action="store_true",
+                   help="drive the run even though another driver holds its lease (that driver is told it lost it)")
+
+
+def _execute(spec: WorkflowSpec, run_id: str, run_uri: str, take_over: bool = False) -> int:
     print(f"[drope] run {run_id}  (storage {run_uri})", flush=True)
-    records = run_pipeline(spec, run_id, run_uri, drope_home())
+    records = run_pipeline(spec, run_id, run_uri, drope_home(), take_over=take_over)
     run = Ledger(run_uri).read_run()
     print(f"\n[drope] run {run_id} succeeded. Where to look:")
     ev = records.get("evaluate")
@@ -84,6 +89,7 @@ def main_run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="drope run", description="run the DroPE workflow here (embedded defaults)")
     p.add_argument("spec", help="a preset name (drope presets) or a YAML spec file")
     p.add_argument("--run-id", default="", help="name the run (default: <name>-<time>-<random>)")
+    _take_over_arg(p)
     _spec_args(p)
     args = p.parse_args(argv)
     spec = load_spec(args.spec, args.overrides)
@@ -91,7 +97,7 @@ def main_run(argv: list[str]) -> int:
 
     check_reachable(resolve_tracking_uri(spec.tracking.uri, drope_home()))  # before a run record exists
     run_id, run_uri = _new_run(spec, args.run_id)
-    return _execute(spec, run_id, run_uri)
+    return _execute(spec, run_id, run_uri, args.take_over)
 
 
 def _load_run_spec(run_uri: str, overrides: list[str]) -> WorkflowSpec:
@@ -105,6 +111,7 @@ def main_resume(argv: list[str]) -> int:
     p.add_argument("run_id")
     p.add_argument("--storage", default="", help="storage root of the run when this box has no index entry")
     p.add_argument("--address", default="", help="resubmit to this Ray cluster as a job instead of running here")
+    _take_over_arg(p)
     _spec_args(p)
     args = p.parse_args(argv)
     run_uri, _ = find_run(args.run_id, args.storage)
@@ -114,10 +121,10 @@ def main_resume(argv: list[str]) -> int:
     if args.address:
         from workflows.submit import submit_run
 
-        print(submit_run(spec, args.run_id, run_uri, args.address))
+        print(submit_run(spec, args.run_id, run_uri, args.address, take_over=args.take_over))
         return 0
     remember(args.run_id, run_uri)
-    return _execute(spec, args.run_id, run_uri)
+    return _execute(spec, args.run_id, run_uri, args.take_over)
 
 
 def main_submit(argv: list[str]) -> int:

@@ -1,0 +1,159 @@
+"""Faults of several drivers and of the tracking server, through the real CLI on real services (MLflow
+server processes, the moto S3 server, a local Ray per driver); the tiny `debug` preset.
+
+- two drivers of one run started together (local storage, moto S3): exactly one runs, the other exits
+  non-zero at once with one line naming the holder;
+- three runs of one preset started together against one MLflow server (parallel `drope run`
+  processes, each with its local Ray: a Ray head shared by them would queue their training workers on
+  this box's 2 CPUs): all finish, in one experiment;
+- the MLflow server killed (SIGKILL) and restarted mid-recalibration: the run finishes, no MLflow run
+  is left RUNNING, and every step's loss is there after the replay of the buffered metrics.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.fixtures.services import free_port, s3_env_vars
+from tests.fixtures.workflow_services import VENV_BIN, run_drope, start_mlflow_server, stop_mlflow_server
+
+
+@pytest.fixture
+def env(tmp_path):
+    e = {**os.environ, "DROPE_HOME": str(tmp_path / "home"), "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}",
+         "HF_HUB_OFFLINE": "1", "RAY_AUTH_MODE": "disabled"}
+    e.pop("RAY_ADDRESS", None)
+    return e
+
+
+def drope(args, env, log: Path):
+    return subprocess.Popen([sys.executable, "-m", "workflows.cli", *args], env=env, stdout=open(log, "w"),
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def finish(proc, timeout=900) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise
+
+
+def status(run_id, env) -> dict:
+    return json.loads(run_drope(["status", run_id, "--json"], env, timeout=120, check=True).stdout)
+
+
+def workflow_runs(client, experiment: str, run_id: str):
+    exp = client.get_experiment_by_name(experiment)
+    return client.search_runs([exp.experiment_id], f"tags.`drope.run_id` = '{run_id}'", max_results=100)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_two_drivers_of_one_run(where, env, mlflow_server, tmp_path, request):
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    args = ["run", "debug", "--run-id", "race", "--set", f"tracking.experiment=race-{where}"]
+    if where == "s3":
+        bucket = request.getfixturevalue("s3_bucket")
+        env.update(s3_env_vars(request.getfixturevalue("moto_server")))
+        args += ["--set", f"storage.root=s3://{bucket}/runs"]
+    procs = [drope(args, env, tmp_path / f"driver{i}.log") for i in range(2)]
+    codes = [finish(p) for p in procs]
+    logs = [(tmp_path / f"driver{i}.log").read_text() for i in range(2)]
+    assert sorted(c == 0 for c in codes) == [False, True], (codes, logs)
+    loser = logs[0] if codes[0] != 0 else logs[1]
+    lines = [ln for ln in loser.strip().splitlines() if ln.strip()]
+    assert "is being driven by" in lines[-1] and "--take-over" in lines[-1], loser
+    assert "Traceback" not in loser and "running (attempt" not in loser, loser  # it touched nothing
+    run = status("race", env)["run"]
+    assert run["status"] == "succeeded" and run["attempts"] == 1, run
+    client = MlflowClient(mlflow_server)
+    runs = workflow_runs(client, f"race-{where}", "race")
+    assert [r.data.tags.get("drope.stage") for r in runs].count("recalibrate") == 1
+    assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_runs_of_one_preset_at_once(env, mlflow_server, tmp_path):
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    experiment = f"together-{time.time_ns()}"  # new: every driver finds it missing and creates it
+    ids = [f"together-{i}" for i in range(3)]
+    procs = [drope(["run", "debug", "--run-id", rid, "--set", f"tracking.experiment={experiment}"], env,
+                   tmp_path / f"{rid}.log") for rid in ids]
+    codes = [finish(p) for p in procs]
+    assert codes == [0, 0, 0], [(tmp_path / f"{rid}.log").read_text()[-3000:] for rid in ids]
+    client = MlflowClient(mlflow_server)
+    for rid in ids:
+        assert status(rid, env)["run"]["status"] == "succeeded"
+        runs = workflow_runs(client, experiment, rid)
+        assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs), rid  # parent + 5 stages
+
+
+def test_mlflow_server_restarted_mid_recalibration(env, tmp_path):
+    root, port = tmp_path / "mlflow", free_port()
+    root.mkdir()
+    server, uri = start_mlflow_server(root, port)
+    env.update(MLFLOW_TRACKING_URI=uri)
+    steps = 100  # ~40 ms a step here: the outage spans the whole training loop, not a slice of it
+    proc = drope(["run", "debug", "--run-id", "outage", "--set", f"recalibrate.steps={steps}",
+                  "--set", "recalibrate.checkpoint_every=50"], env, tmp_path / "driver.log")
+    client = MlflowClient(uri)
+    try:
+        deadline = time.monotonic() + 600
+        while True:  # recalibrate started (its MLflow run exists): its workers are starting
+            assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+            recs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      "tags.`drope.stage` = 'recalibrate'")
+            if recs:
+                child = recs[0].info.run_id
+                break
+            time.sleep(0.5)
+        stop_mlflow_server(server, sig=9)
+        time.sleep(30)  # longer than the retry budget of a call: rank 0 must buffer
+        server, _ = start_mlflow_server(root, port)
+        code = finish(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    log = (tmp_path / "driver.log").read_text()
+    try:
+        assert code == 0, log[-4000:]
+        assert "metrics of MLflow run" in log and "buffered to" in log, log[-4000:]  # the outage was met
+        runs = workflow_runs(client, "debug", "outage")
+        assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs), [(r.data.tags.get("mlflow.runName"), r.info.status) for r in runs]
+        losses = client.get_metric_history(child, "loss")
+        assert sorted({m.step for m in losses}) == list(range(1, steps + 1)), sorted(m.step for m in losses)
+        assert not list((Path(env["DROPE_HOME"]) / "runs" / "outage" / "tracking-buffer").rglob("*.json"))
+    finally:
+        stop_mlflow_server(server)
+
+
+def test_resume_after_a_killed_driver_closes_its_runs(env, mlflow_server, tmp_path):
+    """A driver killed -9 mid-recalibration leaves its lease and MLflow runs behind: `drope resume`
+    at once (the lease's pid is gone on this host) finishes the run and closes the left-over run KILLED."""
+    env["MLFLOW_TRACKING_URI"] = mlflow_server
+    experiment = f"killed-{time.time_ns()}"
+    proc = drope(["run", "debug", "--run-id", "killed", "--set", f"tracking.experiment={experiment}",
+                  "--set", "recalibrate.steps=100", "--set", "recalibrate.checkpoint_every=50"], env,
+                 tmp_path / "driver.log")
+    record = Path(env["DROPE_HOME"]) / "runs" / "killed" / "ledger" / "recalibrate.json"
+    deadline = time.monotonic() + 600
+    while not (record.exists() and json.loads(record.read_text())["status"] == "running"):
+        assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
+        time.sleep(0.5)
+    proc.kill()
+    proc.wait(timeout=60)
+    assert (Path(env["DROPE_HOME"]) / "runs" / "killed" / "lease.json").exists()  # left behind
+    client = MlflowClient(mlflow_server)
+    assert any(r.info.status == "RUNNING" for r in workflow_runs(client, experiment, "killed"))
+    proc = run_drope(["resume", "killed"], env, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "closed MLflow run recalibrate#1" in proc.stdout, proc.stdout[-3000:]
+    runs = {r.data.tags.get("mlflow.runName"): r.info.status for r in workflow_runs(client, experiment, "killed")}
+    assert runs["recalibrate#1"] == "KILLED" and runs["recalibrate#2"] == "FINISHED", runs
+    assert "RUNNING" not in runs.values(), runs
+    assert status("killed", env)["run"]["status"] == "succeeded"
