@@ -3,7 +3,8 @@ every checkpoint an MLflow 3 external LoggedModel whose lineage (source run, par
 recorded, datasets logged as run inputs, system metrics on.
 
 Only the driver (and rank 0 of a training run, through MlflowMetricsSink) writes. Secrets never reach
-MLflow: params come from the spec, which holds none, and are scrubbed by `redact` anyway.
+MLflow: params come from the spec, which holds none, and are scrubbed by `redact` anyway (by what a
+value is: secret fields, HF/AWS key shapes, URI passwords; not by a word such as "token" in its key).
 """
 
 from __future__ import annotations
@@ -20,7 +21,15 @@ from pathlib import Path
 
 from drope_ops.errors import SpecError
 
-_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
+# Redaction by what a value is, not by a word in its key: fields that hold a secret (their last key
+# component), and values shaped like one (HF tokens, AWS keys, a password inside a URI).
+_SECRET_FIELDS = re.compile(
+    r"(^|_)(hf_token|api_key|secret|secret_key|secret_access_key|access_key_id|password|passwd|"
+    r"credentials?|session_token|auth_token|access_token)$", re.I)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\b(AKIA|ASIA)[0-9A-Z]{16}\b|(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+=]*[A-Z])(?=[A-Za-z0-9/+=]*[a-z])[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])")
+_URI_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
+# The tag MLflow's UI reads to open an experiment in the model-training view (not the GenAI one).
+EXPERIMENT_KIND = "mlflow.experimentKind"
 STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
@@ -49,8 +58,15 @@ def check_reachable(uri: str) -> None:
     raise SpecError(f"tracking.uri {uri} answered /health with an error: check the MLflow server")
 
 
+def redact_value(key: str, value: str) -> str:
+    if _SECRET_FIELDS.search(key.rsplit(".", 1)[-1]):
+        return "***"
+    value = _URI_PASSWORD.sub(r"\1***@", value)
+    return _SECRET_VALUE.sub("***", value)
+
+
 def redact(params: dict) -> dict:
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in params.items()}
+    return {k: redact_value(k, v) if isinstance(v, str) else v for k, v in params.items()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -134,6 +150,8 @@ class Tracker:
             self.experiment_id = self.client.create_experiment(experiment, artifact_location=location)
         else:
             self.experiment_id = exp.experiment_id
+        if exp is None or EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
+            self.client.set_experiment_tag(self.experiment_id, EXPERIMENT_KIND, "custom_model_development")
         self._monitors = {}
 
     # -- runs -------------------------------------------------------------------------------------
