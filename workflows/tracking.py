@@ -3,7 +3,8 @@ every checkpoint an MLflow 3 external LoggedModel whose lineage (source run, par
 recorded, datasets logged as run inputs, system metrics on.
 
 Only the driver (and rank 0 of a training run, through MlflowMetricsSink) writes. Secrets never reach
-MLflow: params come from the spec, which holds none, and are scrubbed by `redact` anyway.
+MLflow: params come from the spec, which holds none, and are scrubbed by `redact` anyway (by what a
+value is: secret fields, HF/AWS key shapes, URI passwords; not by a word such as "token" in its key).
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from drope_ops.errors import SpecError
 from workflows.tracking_outage import (MetricsBuffer, PatientClient, bound_retries, call_with_timeout, is_outage,
                                        patiently)
 
-_SECRET_KEY = re.compile(r"(secret|token|password|passwd|credential|access_key|api_key)", re.I)
+# Redaction by what a value is, not by a word in its key: fields that hold a secret (their last key
+# component), and values shaped like one (HF tokens, AWS keys, a password inside a URI).
+_SECRET_FIELDS = re.compile(
+    r"(^|_)(hf_token|api_key|secret|secret_key|secret_access_key|access_key_id|password|passwd|"
+    r"credentials?|session_token|auth_token|access_token)$", re.I)
+_SECRET_VALUE = re.compile(r"\bhf_[A-Za-z0-9]{20,}|\b(AKIA|ASIA)[0-9A-Z]{16}\b|(?<![A-Za-z0-9/+=])(?=[A-Za-z0-9/+=]*[A-Z])(?=[A-Za-z0-9/+=]*[a-z])[A-Za-z0-9/+=]{40}(?![A-Za-z0-9/+=])")
+_URI_PASSWORD = re.compile(r"(://[^/:@\s]+:)[^@\s/]+@")
+# The tag MLflow's UI reads to open an experiment in the model-training view (not the GenAI one).
+EXPERIMENT_KIND = "mlflow.experimentKind"
 STATUS = {"succeeded": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
 
@@ -51,8 +60,15 @@ def check_reachable(uri: str) -> None:
     raise SpecError(f"tracking.uri {uri} answered /health with an error: check the MLflow server")
 
 
+def redact_value(key: str, value: str) -> str:
+    if _SECRET_FIELDS.search(key.rsplit(".", 1)[-1]):
+        return "***"
+    value = _URI_PASSWORD.sub(r"\1***@", value)
+    return _SECRET_VALUE.sub("***", value)
+
+
 def redact(params: dict) -> dict:
-    return {k: ("***" if _SECRET_KEY.search(k) else v) for k, v in params.items()}
+    return {k: redact_value(k, v) if isinstance(v, str) else v for k, v in params.items()}
 
 
 def flatten(tree: dict, prefix: str = "") -> dict[str, str]:
@@ -187,14 +203,16 @@ class Tracker:
         from mlflow.exceptions import MlflowException
 
         exp = self.client.get_experiment_by_name(name)
-        if exp is not None:
-            return exp.experiment_id
-        try:
-            return self.client.create_experiment(name, artifact_location=location)
-        except MlflowException as e:
-            if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
-                raise
-            return self.client.get_experiment_by_name(name).experiment_id
+        if exp is None:
+            try:
+                self.client.create_experiment(name, artifact_location=location)
+            except MlflowException as e:
+                if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
+                    raise
+            exp = self.client.get_experiment_by_name(name)
+        if EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
+            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        return exp.experiment_id
 
     def sink(self, rid: str) -> MlflowMetricsSink:
         return MlflowMetricsSink(self.uri, rid, self.run_uri)
