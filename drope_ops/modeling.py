@@ -208,3 +208,7 @@ def register() -> None:
         AutoModelForCausalLM.register(DropeConfig, DropeForCausalLM)
     except ValueError:  # already registered
         pass
+
+
+if __name__ == "drope_ops.modeling":  # the package's copy (not an exported remote-code file)
+    register()

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 
-from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES
 from workflows.commands.parser import Parser
 
 
@@ -22,6 +21,8 @@ def _layer_list(text: str) -> list[int]:
 
 
 def main_drop_rope(argv: list[str]) -> int:
+    from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES  # transformers: drop-rope writes a DropeConfig
+
     p = Parser(prog="drope drop-rope", description="Drop RoPE from a Llama-family checkpoint and insert QK-norm.")
     p.add_argument("src", help="Hugging Face checkpoint directory (safetensors, single or sharded)")
     p.add_argument("dst", help="new directory for the DroPE checkpoint (must not exist)")
