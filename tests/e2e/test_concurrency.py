@@ -98,20 +98,22 @@ def test_mlflow_server_restarted_mid_recalibration(env, tmp_path):
     root.mkdir()
     server, uri = start_mlflow_server(root, port)
     env.update(MLFLOW_TRACKING_URI=uri)
-    steps = 100  # ~40 ms a step here: the outage spans the whole training loop, not a slice of it
+    steps = 200  # ~40 ms a step, and a failed call spends ~7 s of retries: the outage meets the loop
     proc = drope(["run", "debug", "--run-id", "outage", "--set", f"recalibrate.steps={steps}",
                   "--set", "recalibrate.checkpoint_every=50"], env, tmp_path / "driver.log")
     client = MlflowClient(uri)
     try:
         deadline = time.monotonic() + 600
-        while True:  # recalibrate started (its MLflow run exists): its workers are starting
+        child = ""
+        while True:  # rank 0 has logged its first loss: the training loop runs, most of its steps ahead
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "driver.log").read_text()[-3000:]
-            recs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      "tags.`drope.stage` = 'recalibrate'")
-            if recs:
-                child = recs[0].info.run_id
+            if not child:
+                recs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                          "tags.`drope.stage` = 'recalibrate'")
+                child = recs[0].info.run_id if recs else ""
+            if child and client.get_metric_history(child, "loss"):
                 break
-            time.sleep(0.5)
+            time.sleep(0.2)
         stop_mlflow_server(server, sig=9)
         time.sleep(30)  # longer than the retry budget of a call: rank 0 must buffer
         server, _ = start_mlflow_server(root, port)
