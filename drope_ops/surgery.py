@@ -345,7 +345,24 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
     probe = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
                          original_context=original_context, source_model="", source_sha256="")
 
-    # Which shard holds each layer's q_proj: its norms go into the same shard.
+    additions = qk_norm_additions(src, files, probe)
+    with atomic_directory(dst) as tmp:
+        src_hashes, out_hashes = rewrite_shards(
+            files, tmp, additions, progress=progress, desc=f"drop-rope {src.name}")
+        name = source_name or src_config.get("_name_or_path") or src.name
+        config = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
+                              original_context=original_context, source_model=str(name),
+                              source_sha256=source_digest(src, files, src_hashes))
+        config.to_json_file(tmp / "config.json", use_diff=False)
+        if index is not None:
+            write_index(tmp, index, additions)
+        copy_tokenizer_files(src, tmp)
+        write_manifest(tmp, out_hashes)
+    return dst
+
+
+def qk_norm_additions(src: Path, files: list[Path], probe: DropeConfig) -> dict[Path, dict[str, torch.Tensor]]:
+    """The QK-norm weights each shard gains: a layer's norms go into the shard that holds its q_proj."""
     headers = {f: read_header(f) for f in files}
     additions: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
     for layer in range(probe.num_hidden_layers):
@@ -358,31 +375,27 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
         if clash:
             raise CheckpointError(f"{src}: already has {clash[0]}; start from a checkpoint without QK-norm")
         additions[home].update(norms)
+    return additions
 
+
+def source_digest(src: Path, files: list[Path], src_hashes: dict[str, str]) -> str:
+    """The source's manifest digest, checked against the hashes just read (built when it has none)."""
     source_manifest = read_manifest(src)
-    with atomic_directory(dst) as tmp:
-        src_hashes, out_hashes = rewrite_shards(
-            files, tmp, additions, progress=progress, desc=f"drop-rope {src.name}")
-        if source_manifest is not None:
-            bad = [f.name for f in files if source_manifest["files"].get(f.name, {}).get("sha256") != src_hashes[f.name]]
-            if bad:
-                raise CheckpointError(f"{src / bad[0]}: does not match the source's drope-manifest.json; "
-                                      f"the source is corrupt or changed: fetch it again")
-            digest = manifest_digest(source_manifest)
-        else:
-            digest = manifest_digest(build_manifest(src, src_hashes))
-        name = source_name or src_config.get("_name_or_path") or src.name
-        config = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
-                              original_context=original_context, source_model=str(name), source_sha256=digest)
-        config.to_json_file(tmp / "config.json", use_diff=False)
-        if index is not None:
-            weight_map = dict(index["weight_map"])
-            for f, added in additions.items():
-                weight_map.update({k: f.name for k in added})
-            added_bytes = sum(t.numel() * t.element_size() for a in additions.values() for t in a.values())
-            meta = dict(index.get("metadata") or {})
-            meta["total_size"] = int(meta.get("total_size", 0)) + added_bytes
-            (tmp / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))
-        copy_tokenizer_files(src, tmp)
-        write_manifest(tmp, out_hashes)
-    return dst
+    if source_manifest is None:
+        return manifest_digest(build_manifest(src, src_hashes))
+    bad = [f.name for f in files if source_manifest["files"].get(f.name, {}).get("sha256") != src_hashes[f.name]]
+    if bad:
+        raise CheckpointError(f"{src / bad[0]}: does not match the source's drope-manifest.json; "
+                              f"the source is corrupt or changed: fetch it again")
+    return manifest_digest(source_manifest)
+
+
+def write_index(dst: Path, index: dict, additions: dict[Path, dict[str, torch.Tensor]]) -> None:
+    """The source's safetensors index with the added norms mapped to their shards and counted in total_size."""
+    weight_map = dict(index["weight_map"])
+    for f, added in additions.items():
+        weight_map.update({k: f.name for k in added})
+    added_bytes = sum(t.numel() * t.element_size() for a in additions.values() for t in a.values())
+    meta = dict(index.get("metadata") or {})
+    meta["total_size"] = int(meta.get("total_size", 0)) + added_bytes
+    (dst / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))

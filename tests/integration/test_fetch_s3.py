@@ -291,18 +291,12 @@ def test_no_access_is_a_one_line_error(tmp_path, monkeypatch):
         proc.wait()
 
 
-def test_yarn_scaled_checkpoint_keeps_its_pretraining_context(s3_bucket, s3_env, debug_checkpoint, tmp_path):
+def test_yarn_scaled_checkpoint_keeps_its_pretraining_context(s3_bucket, s3_env, yarn_checkpoint, tmp_path):
     """A checkpoint already extended with YaRN (factor 4 over 128): fetch and drop-rope take C_train = 128,
     the pre-scaling context, not the extended 512, and record the scaling they removed."""
     import json
 
-    yarn = tmp_path / "yarn"
-    shutil.copytree(debug_checkpoint, yarn)
-    cfg = json.loads((yarn / "config.json").read_text())
-    cfg.update(max_position_embeddings=512, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 128})
-    (yarn / "config.json").write_text(json.dumps(cfg))
-    uri = _upload_plain(s3_env, s3_bucket, "yarn", yarn)
+    uri = _upload_plain(s3_env, s3_bucket, "yarn", yarn_checkpoint)
     r = _cli("fetch", uri, str(tmp_path / "base"), "--no-progress")
     assert r.returncode == 0, r.stderr
     r = _cli("drop-rope", str(tmp_path / "base"), str(tmp_path / "drope"), "--no-progress")
@@ -312,11 +306,13 @@ def test_yarn_scaled_checkpoint_keeps_its_pretraining_context(s3_bucket, s3_env,
     assert out["rope_parameters"]["rope_type"] == "default"  # layers that keep RoPE get the pretraining RoPE
     assert out["source_rope_parameters"]["rope_type"] == "yarn" and out["source_rope_parameters"]["factor"] == 4.0
     # linear scaling that does not say its pretraining context: one line asking for it
+    linear = shutil.copytree(yarn_checkpoint, tmp_path / "linear-src")  # the session's fixture stays as it is
+    cfg = json.loads((linear / "config.json").read_text())
     cfg["rope_parameters"] = {"rope_type": "linear", "factor": 4.0, "rope_theta": 10000.0}
-    (yarn / "config.json").write_text(json.dumps(cfg))
-    r = _cli("drop-rope", str(yarn), str(tmp_path / "linear"), "--no-progress")
+    (linear / "config.json").write_text(json.dumps(cfg))
+    r = _cli("drop-rope", str(linear), str(tmp_path / "linear"), "--no-progress")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "'linear'" in r.stderr and "--original-context" in r.stderr and not (tmp_path / "linear").exists()
-    r = _cli("drop-rope", str(yarn), str(tmp_path / "linear"), "--no-progress", "--original-context", "128")
+    r = _cli("drop-rope", str(linear), str(tmp_path / "linear"), "--no-progress", "--original-context", "128")
     assert r.returncode == 0, r.stderr
     assert json.loads((tmp_path / "linear" / "config.json").read_text())["original_max_position_embeddings"] == 128

@@ -186,7 +186,7 @@ def test_qwen2_qkv_bias_source_keeps_its_biases(tmp_path):
     torch.testing.assert_close(logits(ours.eval(), x), logits(theirs.eval(), x), atol=1e-5, rtol=0)
 
 
-def test_drop_rope_stage_records_the_rope_scaling_it_removed(debug_checkpoint, tmp_path):
+def test_drop_rope_stage_records_the_rope_scaling_it_removed(debug_checkpoint, yarn_checkpoint, tmp_path):
     """A source extended with YaRN (factor 4 over 128): the stage's result names C_train 128 and the scaling."""
     from types import SimpleNamespace
 
@@ -195,13 +195,7 @@ def test_drop_rope_stage_records_the_rope_scaling_it_removed(debug_checkpoint, t
     from workflows.stage import SOURCE
     from workflows.stages import drop_rope as stage
 
-    yarn = tmp_path / "yarn"
-    shutil.copytree(debug_checkpoint, yarn)
-    cfg = json.loads((yarn / "config.json").read_text())
-    cfg.update(max_position_embeddings=512, rope_parameters={
-        "rope_type": "yarn", "factor": 4.0, "rope_theta": 10000.0, "original_max_position_embeddings": 128})
-    (yarn / "config.json").write_text(json.dumps(cfg))
-    fetch(str(yarn), str(tmp_path / "base"), progress=False)
+    fetch(str(yarn_checkpoint), str(tmp_path / "base"), progress=False)
     ctx = SimpleNamespace(inputs={SOURCE: str(tmp_path / "base")}, output=str(tmp_path / "out"))
     result = stage.run(load_spec("debug"), ctx)
     assert (result["original_context"], result["removed_rope_scaling"], result["removed_rope_factor"]) == (128, "yarn", 4.0)
