@@ -9,8 +9,11 @@ Part "time" (real SmolLM2-135M, imported from the PyPI GGUF, bf16): one NIAH sam
 against one bare forward of L tokens (logits of the last position only: the stricter baseline),
 interleaved, medians. Goal: ratio <= 1.15.
 
-Part "memory" (tiny debug model, fp32): peak RSS growth of one NIAH sample at L = 2k..16k, each in a
-fresh process. Goal: linear in L, no L x L tensor (16k x 16k fp32 would be 1 GiB per head).
+Part "memory" (tiny debug model, fp32): the sample's own peak, each length in a fresh process: after a
+warm-up sample at 1024 tokens, a thread samples the process's RSS every millisecond while the sample at L
+runs; the peak above the RSS just before it is the sample's. (ru_maxrss cannot show it: building the model
+and the prompt had already set a higher high-water mark, so its growth read 0.0 at every length.) Goal:
+growth linear in L, no L x L tensor (16k x 16k fp32 would be 1 GiB per head).
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+
+import psutil
 
 import torch
 
@@ -85,12 +90,38 @@ def memory_child(length: int) -> dict:
     cfg._attn_implementation = "sdpa"
     model = DropeForCausalLM(cfg).eval()
     tok = debugmodel.byte_level_tokenizer()
+    warm = niah.make_sample("niah_single_1", tok, length=1024, depth=50, max_new_tokens=16)
+    greedy_generate(model, torch.tensor(warm.prompt_ids), max_new_tokens=16, eos_token_id=None)
     s = niah.make_sample("niah_single_1", tok, length=length, depth=50, max_new_tokens=16)
     ids = torch.tensor(s.prompt_ids)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    greedy_generate(model, ids, max_new_tokens=16, eos_token_id=None)
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"length": length, "peak_growth_mib": (after - before) / 1024}
+    with RssPeak() as peak:
+        greedy_generate(model, ids, max_new_tokens=16, eos_token_id=None)
+    return {"length": length, "peak_growth_mib": peak.growth / 2**20, "samples": peak.samples}
+
+
+class RssPeak:
+    """The peak of this process's RSS above its value at entry, sampled every millisecond by a thread."""
+
+    def __init__(self, interval_s: float = 0.001):
+        self.interval_s, self.growth, self.samples = interval_s, 0, 0
+
+    def __enter__(self):
+        self._proc, self._stop = psutil.Process(), threading.Event()
+        self._base = self._top = self._proc.memory_info().rss
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def _sample(self):
+        while not self._stop.is_set():
+            self._top = max(self._top, self._proc.memory_info().rss)
+            self.samples += 1
+            time.sleep(self.interval_s)
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.growth = max(self._top, self._proc.memory_info().rss) - self._base
 
 
 def memory_part(lengths: list[int]) -> list[dict]:
@@ -99,7 +130,8 @@ def memory_part(lengths: list[int]) -> list[dict]:
         out = subprocess.run([sys.executable, __file__, "--memory-child", str(L)], capture_output=True, text=True,
                              check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(f"  L={L}: peak growth {rows[-1]['peak_growth_mib']:.1f} MiB", flush=True)
+        print(f"  L={L}: peak growth {rows[-1]['peak_growth_mib']:.1f} MiB ({rows[-1]['samples']} RSS samples)",
+              flush=True)
     return rows
 
 
