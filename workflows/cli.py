@@ -1,7 +1,7 @@
 """The `drope` command line.
 
     drope presets | plan SPEC | run SPEC | submit SPEC --address URL | resume RUN_ID | status RUN_ID
-    drope lineage RUN_ID
+    drope lineage RUN_ID | compare RUN_ID [RUN_ID ...]
     drope fetch SOURCE DEST | drop-rope SRC DST | export SRC DST | import-gguf FILE DST
     drope recalibrate ... | fit-temperature ... | eval ...
 
@@ -26,6 +26,7 @@ COMMANDS = {
     "resume": ("workflow", "main_resume", "finish a run: skip finished stages, rerun the rest"),
     "status": ("workflow", "main_status", "print each stage's state of a run"),
     "lineage": ("workflow", "main_lineage", "print a run's model lineage with MLflow ids"),
+    "compare": ("compare", "main_compare", "runs side by side: evaluation cells, fitted c, tokens, final loss"),
     "fetch": ("storage", "main_fetch", "fetch a checkpoint from hf:// s3:// a directory or .gguf"),
     "drop-rope": ("model", "main_drop_rope", "drop RoPE from a checkpoint and insert QK-norm"),
     "export": ("model", "main_export", "export a DroPE checkpoint natively or with remote code"),

@@ -185,7 +185,8 @@ def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run
     ctx = StageContext(run_id=run_id, run_uri=run_uri, fingerprint=fp, output=out_uri,
                        sink=tracker.sink(child),
                        inputs={k: v.output for k, v in inputs.items()},
-                       input_results={k: v.result for k, v in inputs.items()})
+                       input_results={k: v.result for k, v in inputs.items()},
+                       input_models={k: v.model_id for k, v in inputs.items()})
     task = ray.remote(num_cpus=0, max_retries=0)(stage.run).remote(spec, ctx)
     try:
         result = ray.get(task)
@@ -200,6 +201,7 @@ def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run
         raise
     model_id = _register_outputs(spec, stage, tracker, child, out_uri, fp, inputs, run_id)
     tracker.log_metrics(child, {k: v for k, v in result.items() if isinstance(v, (int, float))})
+    tracker.log_metrics(parent, result.get("headline") or {})  # columns of the runs list
     _close(ledger, tracker, rec, child, SUCCEEDED, output=out_uri, result=result, model_id=model_id)
     print(f"[drope] {stage.name}: succeeded in {time.time() - t0:.0f}s", flush=True)
     return ledger.get(stage.name)

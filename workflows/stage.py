@@ -28,6 +28,9 @@ class StageContext:
     """Upstream stage name (or role, e.g. "source") -> output URI."""
     input_results: dict = field(default_factory=dict)
     """Upstream stage name (or role) -> its ledger result facts."""
+    input_models: dict = field(default_factory=dict)
+    """Upstream stage name (or role) -> the MLflow LoggedModel id of its checkpoint ("" if none), so a
+    stage's metrics can name the model they scored."""
 
 
 @dataclass(frozen=True)
@@ -35,7 +38,9 @@ class Stage:
     name: str
     run: Callable
     """run(spec: WorkflowSpec, ctx: StageContext) -> dict of small JSON facts for the ledger; it runs
-    inside a Ray task, reads its inputs from ctx.inputs (URIs) and publishes its output at ctx.output."""
+    inside a Ray task, reads its inputs from ctx.inputs (URIs) and publishes its output at ctx.output.
+    A "headline" entry ({metric key: number}) is logged on the workflow's parent run as well, so it
+    is a column of MLflow's runs list."""
     sections: tuple[str, ...]
     """Spec sections (dotted paths) whose values make the stage's fingerprint."""
     inputs: tuple[str, ...] = ()

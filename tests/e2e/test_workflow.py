@@ -11,7 +11,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.fixtures.services import s3_env_vars
-from tests.fixtures.workflow_services import VENV_BIN, run_drope
+from tests.fixtures.workflow_services import VENV_BIN, evaluation_cells, run_drope
 
 STAGES = ["fetch", "drop_rope", "recalibrate", "fit_temperature", "evaluate"]
 
@@ -68,7 +68,31 @@ def parent_run(client, run_id):
     return runs[0]
 
 
-def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
+def check_evaluation_in_mlflow(client, parent, ev, models, eval_output, tmp_path):
+    """Every scored cell a metric `{task}/{variant}` of the evaluate run at step = length, linked to the
+    model it scored; headline numbers on the parent run; the table as an MLflow table artifact."""
+    cells = evaluation_cells(eval_output)
+    assert {("niah_single_1/drope", 512), ("perplexity/yarn", 256), ("perplexity/crop", 512)} <= set(cells), cells
+    logged = {(k, m.step): m.value for k in {k for k, _ in cells}
+              for m in client.get_metric_history(ev.info.run_id, k)}
+    assert logged == cells
+    linked = {name: {(m.key, m.step): m.value for m in client.get_logged_model(models[name].model_id).metrics}
+              for name in ("temperature-fitted", "base")}
+    assert linked["temperature-fitted"] == {c: v for c, v in cells.items() if c[0].endswith("/drope")}
+    assert linked["base"] == {c: v for c, v in cells.items() if not c[0].endswith("/drope")}  # rope, yarn, crop
+
+    headline = {k: v for k, v in parent.data.metrics.items() if k.startswith("headline/")}
+    assert headline["headline/niah_mean_x4/drope"] == cells[("niah_single_1/drope", 512)]
+    assert headline["headline/perplexity_x2/yarn"] == cells[("perplexity/yarn", 256)]
+    assert headline["headline/perplexity_x4/crop"] == cells[("perplexity/crop", 512)]
+
+    table = json.loads(Path(client.download_artifacts(ev.info.run_id, "results_table.json", str(tmp_path))).read_text())
+    rows = [dict(zip(table["columns"], row)) for row in table["data"]]
+    in_table = {(f"{r['task']}/{r['variant']}", r["length"]): r["score"] for r in rows if r["score"] is not None}
+    assert in_table == pytest.approx(cells, rel=1e-9)  # MLflow writes the table's floats with 10 decimals
+
+
+def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server, tmp_path):
     address = ray_head["address"]
     proc = run_drope(["submit", "debug", "--address", address, "--run-id", "wf-submit",
                       "--set", "recalibrate.steps=10", "--set", "recalibrate.checkpoint_every=2"], env, check=True)
@@ -137,6 +161,7 @@ def test_submit_kill_resume_and_lineage(env, ray_head, mlflow_server):
     assert models["recalibrated"].tags["drope.parent_model_id"] == models["dropped"].model_id
     assert models["temperature-fitted"].tags["drope.parent_model_id"] == models["recalibrated"].model_id
     assert models["recalibrated"].source_run_id == recal.info.run_id
+    check_evaluation_in_mlflow(client, parent, ev, models, s["by_stage"]["evaluate"]["output"], tmp_path)
     lineage = run_drope(["lineage", run_id], env, check=True).stdout
     for word in ["base model", "dropped", "recalibrated", "temperature-fitted", "evaluation",
                  models["recalibrated"].model_id, parent.info.run_id]:

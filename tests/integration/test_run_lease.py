@@ -96,11 +96,14 @@ def test_buffer_replays_into_mlflow_and_empties(mlflow_server, tmp_path):
     tracker = Tracker(mlflow_server, "buffer-replay", run_uri=str(tmp_path / "run"))
     rid = tracker.client.create_run(tracker.experiment_id).info.run_id
     buf = MetricsBuffer(str(tmp_path / "run"))
+    model = tracker.register_checkpoint(rid, "temperature-fitted", str(tmp_path / "ckpt"), fingerprint="f")
     buf.put(rid, [("loss", 2.5, 1, 1), ("loss", 2.0, 2, 2)])
+    buf.put(rid, [("niah_single_1/drope", 50.0, 3, 512, model)])  # an evaluation cell keeps its model
     buf.put_close(rid, "KILLED", "driver lost")
     tracker.replay_buffered()
     client = MlflowClient(mlflow_server)
     assert sorted((m.step, m.value) for m in client.get_metric_history(rid, "loss")) == [(1, 2.5), (2, 2.0)]
+    assert [(m.key, m.step, m.value) for m in client.get_logged_model(model).metrics] == [("niah_single_1/drope", 512, 50.0)]
     run = client.get_run(rid)
     assert run.info.status == "KILLED" and run.data.tags["drope.error"] == "driver lost"
     assert buf.pending() == []

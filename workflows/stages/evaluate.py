@@ -40,6 +40,8 @@ NiahTask = Literal["niah_single_1", "niah_single_2", "niah_single_3", "niah_mult
 Task = Literal[NiahTask, "perplexity", "longbench"]
 Haystack = Literal["essay", "noise"]
 VARIANTS = typing.get_args(Variant)
+RESULTS_TABLE = "results_table.json"
+"""The MLflow table artifact of the evaluate run: one row per cell (variant, task, factor, length, score)."""
 NIAH_TASKS = typing.get_args(NiahTask)
 
 
@@ -229,14 +231,16 @@ def _fits(task: str, tok, length: int, cfg: EvalConfig) -> bool:
 
 
 def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None, output_dir: str,
-             data: DataConfig | None = None, metrics_sink=None) -> dict:
-    """Run every unit (Ray tasks if Ray is initialised), then write table, heatmaps and plot."""
+             data: DataConfig | None = None, metrics_sink=None, model_ids: dict | None = None) -> dict:
+    """Run every unit (Ray tasks if Ray is initialised), then write table, heatmaps and plot. Each
+    cell goes to `metrics_sink` as it finishes, linked to the LoggedModel `model_ids[variant]`."""
     from drope_ops.evals import report
 
     C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
     units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
                              original_context=C, data=data)
-    results = _run_deduplicated(units, cfg, metrics_sink, C)
+    log_cell = functools.partial(_log_score, metrics_sink, model_ids or {})
+    results = _run_deduplicated(units, cfg, log_cell, C)
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table_json, table_md = report.write_table(results, out, notes={"original_context": C, "config": dataclasses.asdict(cfg)})
@@ -266,7 +270,7 @@ def compute_key(unit: dict, original_context: int) -> tuple:
     return (unit["checkpoint"], "rope" if same_as_rope else unit["variant"], unit["task"], unit["length"])
 
 
-def _run_deduplicated(units: list[dict], cfg: EvalConfig, metrics_sink, original_context: int) -> list[dict]:
+def _run_deduplicated(units: list[dict], cfg: EvalConfig, log_cell, original_context: int) -> list[dict]:
     """Run one unit per compute_key, the longest first (the last ones to finish are then short), and
     give every unit its key's result under its own variant name and factor."""
     groups: dict[tuple, list[dict]] = {}
@@ -275,21 +279,24 @@ def _run_deduplicated(units: list[dict], cfg: EvalConfig, metrics_sink, original
     firsts = sorted((g[0] for g in groups.values()), key=lambda u: -u["length"])
     print(f"[evaluate] {len(units)} cells, {len(firsts)} to compute (C_train = {original_context})", flush=True)
     computed = {compute_key(u, original_context): r  # _run_all returns results in its units' order
-                for u, r in zip(firsts, _run_all(firsts, cfg, metrics_sink))}
+                for u, r in zip(firsts, _run_all(firsts, cfg, log_cell))}
     results = []
     for u in units:
         r = computed[compute_key(u, original_context)]
         if r["variant"] != u["variant"]:
             r = {**r, "variant": u["variant"], "factor": u["factor"], "same_as": r["variant"]}
-            _log_score(metrics_sink, r)
+            log_cell(r)
         results.append(r)
     return results
 
 
-def _log_score(metrics_sink, r: dict) -> None:
-    """One result as the MLflow metric <task>.<variant>, its step the length."""
+def _log_score(metrics_sink, model_ids: dict, r: dict) -> None:
+    """One result as the MLflow metric `{task}/{variant}`, its step the length in tokens (so MLflow
+    charts score against length), linked to the LoggedModel it scored: model_ids[variant]."""
+    from drope_ops.evals.report import cell_key
+
     if metrics_sink is not None and r["score"] is not None:
-        metrics_sink.log_metrics({f"{r['task'].replace('/', '.')}.{r['variant']}": r["score"]}, r["length"])
+        metrics_sink.log_metrics({cell_key(r): r["score"]}, r["length"], model_id=model_ids.get(r["variant"], ""))
 
 
 def run_group(units: list[dict]) -> list[dict]:
@@ -297,7 +304,7 @@ def run_group(units: list[dict]) -> list[dict]:
     return [run_unit(u) for u in units]
 
 
-def _run_all(units: list[dict], cfg: EvalConfig, metrics_sink) -> list[dict]:
+def _run_all(units: list[dict], cfg: EvalConfig, log_cell) -> list[dict]:
     """run_unit for every unit, one task per model (longest first), in the units' order; progress and
     the metric as each one finishes."""
     groups: dict[tuple, list[dict]] = {}
@@ -312,7 +319,7 @@ def _run_all(units: list[dict], cfg: EvalConfig, metrics_sink) -> list[dict]:
             done = r["score"] if r["score"] is not None else r.get("skipped")
             print(f"[evaluate] {len(finished)}/{len(units)} {r['variant']} {r['task']} L={r['length']} -> {done}",
                   flush=True)
-            _log_score(metrics_sink, r)
+            log_cell(r)
 
     per_group = run_units(run_group, [(g,) for g in ordered], cpus=cfg.cpus_per_unit, gpus=cfg.gpus_per_unit,
                           memory=int(cfg.memory_per_unit_gb * 2**30) if cfg.memory_per_unit_gb else None,
@@ -322,17 +329,25 @@ def _run_all(units: list[dict], cfg: EvalConfig, metrics_sink) -> list[dict]:
 
 
 def run(spec, ctx) -> dict:
+    """The stage: every cell an MLflow metric of this run (drope's linked to the temperature-fitted
+    LoggedModel, the baselines' and crop's to the base model they are derived from), the table as an
+    MLflow table artifact, and the headline numbers for the parent run (workflows/stage.py)."""
+    from drope_ops.evals import report
     from drope_ops.manifest import write_manifest
 
+    base_model = ctx.input_models.get(SOURCE, "")
+    model_ids = {v: base_model for v in (*VARIANTS, "crop")} | {"drope": ctx.input_models.get("fit_temperature", "")}
     with stage_io.output_dir(ctx.output) as out:
         res = evaluate(spec.evaluate, drope_checkpoint=ctx.inputs["fit_temperature"], base_checkpoint=ctx.inputs[SOURCE],
-                       output_dir=str(out), data=spec.data, metrics_sink=ctx.sink)
+                       output_dir=str(out), data=spec.data, metrics_sink=ctx.sink, model_ids=model_ids)
         write_manifest(out)
-        for path in [res.get("table_md"), res.get("table_json"), res.get("ppl_plot"), *res.get("heatmaps", [])]:
-            if path and ctx.sink is not None:
-                ctx.sink.log_artifact(str(path))
+        if ctx.sink is not None:
+            for path in [res.get("table_md"), res.get("table_json"), res.get("ppl_plot"), *res.get("heatmaps", [])]:
+                if path:
+                    ctx.sink.log_artifact(str(path))
+            ctx.sink.log_table(report.table_rows(res["results"]), RESULTS_TABLE)
     return {"table_md": storage.join(ctx.output, Path(res["table_md"]).name) if res.get("table_md") else "",
-            "cells": len(res.get("results", []))}
+            "cells": len(res.get("results", [])), "headline": report.headline(res["results"])}
 
 
 STAGE = Stage(name="evaluate", run=run, sections=("evaluate", "data", "model.original_context"),
