@@ -23,6 +23,7 @@ copy of arc_easy.yaml with `dataset_path: json` and `dataset_kwargs: {data_files
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import math
@@ -53,14 +54,23 @@ def result_name(name: str) -> str:
     return "lm_eval_" + name
 
 
-@functools.lru_cache(maxsize=4)
-def task_manager(include_path: str | None = None, tokenizer: str | None = None, length: int | None = None):
-    """lm-eval's TaskManager over its own tasks and `include_path`, with the metadata RULER-style tasks
-    read (tokenizer, max_seq_lengths). Indexing every task takes a few seconds: one per process and length."""
+@functools.lru_cache(maxsize=2)
+def _indexed(include_path: str | None):
     from lm_eval.tasks import TaskManager
 
+    return TaskManager(include_path=include_path)
+
+
+def task_manager(include_path: str | None = None, tokenizer: str | None = None, length: int | None = None):
+    """lm-eval's TaskManager over its own tasks and `include_path`, with the metadata RULER-style tasks
+    read (tokenizer, max_seq_lengths). Indexing every task takes seconds, so the index is built once per
+    process and shared; lm-eval 0.4.13 keeps a TaskManager's metadata in its TaskFactory."""
+    from lm_eval.tasks._factory import TaskFactory
+
     meta = {k: v for k, v in (("tokenizer", tokenizer), ("max_seq_lengths", [length] if length else None)) if v}
-    return TaskManager(include_path=include_path, metadata=meta or None)
+    manager = copy.copy(_indexed(include_path))
+    manager.metadata, manager._factory = meta or None, TaskFactory(meta=meta or None)
+    return manager
 
 
 def check_tasks(names: list[str], include_path: str | None = None) -> dict[str, bool]:
@@ -111,7 +121,7 @@ def evaluate_task(model, tokenizer, name: str, *, length: int, long_context: boo
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, backend="causal", max_length=int(length), batch_size=batch_size)
-    tm = task_manager(include_path, tokenizer_path, int(length) if long_context else None)
+    tm = task_manager(include_path, *((tokenizer_path, int(length)) if long_context else (None, None)))
     try:
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, bootstrap_iters=0,
                                       log_samples=False)
