@@ -18,6 +18,8 @@ Chromium: Debian's `chromium` package (`apt-get install -y chromium`); nothing e
 from __future__ import annotations
 
 import argparse
+import asyncio
+import base64
 import json
 import os
 import shutil
@@ -60,17 +62,61 @@ def start_server(store: Path, port: int) -> subprocess.Popen:
     raise SystemExit(f"mlflow server on {store} did not answer /health in 120 s")
 
 
-def shoot(url: str, out: Path, size: str = "1600,1000", budget_ms: int = 15000) -> Path:
-    """One headless Chromium screenshot of `url` (bounded: 120 s)."""
+UI_STATE = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.assistant.panelOpen_v1": "false",
+            "mlflow.workflowType_v1": '"machine_learning"', "expandRows": "true"}
+"""MLflow UI settings in localStorage: assistant panel closed, model-training view, child runs shown."""
+
+
+def shoot(url: str, out: Path, width: int = 1600, height: int = 1000, wait_s: float = 12) -> Path:
+    """One headless Chromium screenshot of `url`, taken over the DevTools protocol so that UI_STATE is in
+    localStorage before the page's own scripts run (bounded: 120 s)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
     if chromium is None:
         raise SystemExit("chromium is not installed: apt-get install -y chromium")
-    with tempfile.TemporaryDirectory(prefix="drope-chromium-") as profile:
-        subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--screenshot={out}",
-                        f"--window-size={size}", f"--virtual-time-budget={budget_ms}", url],
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=120, check=True)
+    port = free_port()
+    with tempfile.TemporaryDirectory(prefix="drope-chromium-", ignore_cleanup_errors=True) as profile:
+        proc = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                                 f"--remote-debugging-port={port}", "about:blank"],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            png = asyncio.run(asyncio.wait_for(_capture(port, url, width, height, wait_s), timeout=120))
+        finally:
+            proc.terminate()
+            proc.wait(timeout=15)
+        out.write_bytes(png)
     print(f"{out}  <-  {url}", flush=True)
     return out
+
+
+async def _capture(port: int, url: str, width: int, height: int, wait_s: float) -> bytes:
+    import aiohttp
+
+    async with aiohttp.ClientSession() as session:
+        for _ in range(100):  # DevTools answers within seconds of the browser's start
+            try:
+                async with session.get(f"http://127.0.0.1:{port}/json/list") as r:
+                    pages = [t for t in await r.json() if t["type"] == "page"]
+                if pages:
+                    break
+            except aiohttp.ClientError:
+                pass
+            await asyncio.sleep(0.3)
+        async with session.ws_connect(pages[0]["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+            calls = iter(range(1, 10**6))
+
+            async def call(method: str, **params):
+                await ws.send_json({"id": (n := next(calls)), "method": method, "params": params})
+                while (msg := await ws.receive_json()).get("id") != n:
+                    pass
+                return msg.get("result", {})
+
+            seed = "".join(f"localStorage.setItem({json.dumps(k)}, {json.dumps(v)});" for k, v in UI_STATE.items())
+            await call("Page.enable")
+            await call("Page.addScriptToEvaluateOnNewDocument", source=seed)
+            await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
+            await call("Page.navigate", url=url)
+            await asyncio.sleep(wait_s)  # the UI fetches runs and draws charts after load
+            return base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
 
 
 def metric_page(base: str, experiment_id: str, run_ids: list[str], keys: list[str]) -> str:
@@ -114,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp_id, parents, evaluates, model_id = pick(MlflowClient(base), args.experiment, args.runs)
         args.out.mkdir(parents=True, exist_ok=True)
-        shoot(f"{base}/#/experiments/{exp_id}/runs", args.out / "runs.png")
+        shoot(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning", args.out / "runs.png")
         for task, name in (("niah_single_1", "niah.png"), ("perplexity", "perplexity.png")):
             if keys := keys_of(evaluates, task):
                 shoot(metric_page(base, exp_id, [r.info.run_id for r in evaluates], keys), args.out / name)
