@@ -17,6 +17,7 @@ pytest_plugins = [
     "tests.fixtures.ray_cluster",
     "tests.fixtures.workflow_services",
     "tests.fixtures.cluster",
+    "tests.fixtures.lm_eval_tasks",
 ]
 
 

@@ -15,6 +15,7 @@ import pytest
 from mlflow import MlflowClient
 
 from drope_ops.manifest import write_manifest
+from tests.fixtures.lm_eval_tasks import write_task_sets
 from tests.fixtures.services import s3_env_vars
 from tests.fixtures.workflow_services import VENV_BIN, run_drope
 from workflows.cli import main as cli_main
@@ -86,6 +87,7 @@ def bad_checkpoints(tmp_path_factory, debug_checkpoint, moto_server):
     (earlier_eval / "results.json").write_text('{"earlier": true}')
     out["earlier_eval"] = earlier_eval
     out["debug"] = debug_checkpoint
+    out["lm_eval_tasks"] = write_task_sets(root / "lm-eval-tasks")  # toy_mc, toy_long (longcxt), toy_offline (no data)
     return out
 
 
@@ -102,7 +104,9 @@ def env(tmp_path_factory, mlflow_server, moto_server):
 # same entry point, workflows.cli.main, in this process (the same code path, seconds instead of a
 # fresh interpreter each).
 SUBPROCESS = {"unknown-preset", "zero-steps", "mlflow-unreachable", "ray-nothing-listening", "resume-unknown-run",
-              "gpt2-architecture"}
+              "gpt2-architecture",
+              # lm-eval logs through the root logger, whose handler an earlier in-process case left on a closed stream
+              "eval-lm-eval-data-not-there", "eval-lm-eval-rope-past-positions", "lm-eval"}
 
 
 @pytest.fixture(scope="module")
@@ -181,6 +185,19 @@ SPEC_CASES = [
     ("eval-zero-longbench-limit", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
                                              "--original-context", "128", "--variants", "rope",
                                              "--longbench-limit", "0"], ["evaluate.longbench_limit"]),
+    # lm-evaluation-harness tasks (evaluate.tasks lm_eval:<name>), refused before a result is written
+    ("eval-lm-eval-unknown-task", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                             "--variants", "rope", "--original-context", "128", "--tasks",
+                                             "lm_eval:arc_eazy"], ["lm_eval:arc_eazy", "no task", "arc_easy"]),
+    ("eval-lm-eval-data-not-there", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                               "--variants", "rope", "--original-context", "128", "--tasks",
+                                               "lm_eval:toy_offline", "--lm-eval-include-path", str(b["lm_eval_tasks"])],
+     ["lm_eval:toy_offline", "missing/toy.jsonl", "evaluate.lm_eval_include_path"]),
+    ("eval-lm-eval-rope-past-positions", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                                    "--variants", "rope", "--original-context", "128", "--tasks",
+                                                    "lm_eval:toy_long", "--factors", "1", "2", "--lm-eval-include-path",
+                                                    str(b["lm_eval_tasks"])],
+     ["lm_eval:toy_long at 256 tokens", "max_position_embeddings is 128", "evaluate.variants"]),
     ("drop-rope-zero-context", lambda b: ["drop-rope", str(b["debug"]), "/tmp/drope-never-written",
                                           "--original-context", "0"], ["original_context=0"]),
     ("list-given-a-number", lambda b: ["run", "debug", "--set", "fit_temperature.extension_factors=4"],
@@ -261,3 +278,30 @@ def test_failing_stage_is_recorded(case, extra, stage, words, bad_checkpoints, e
     assert runs and all(r.info.status != "RUNNING" for r in runs)
     failed = [r for r in runs if r.data.tags.get("drope.stage") == stage]
     assert failed and failed[0].info.status == "FAILED" and failed[0].data.tags.get("drope.error")
+
+
+def test_lm_eval_mistakes_fail_the_evaluate_stage(bad_checkpoints, env, mlflow_server, inproc_ray, monkeypatch, capsys):
+    """The three lm-eval mistakes in a workflow: the first run fails at evaluate; each resume with the next
+    mistake (`--set`, which reruns only evaluate) fails again, one line each, records FAILED."""
+    run_id, tasks = "bad-lm-eval", str(bad_checkpoints["lm_eval_tasks"])
+    attempts = [
+        (["run", "debug", "--run-id", run_id, "--set", "evaluate.tasks=[lm_eval:no_such_task_x]"],
+         ["lm_eval:no_such_task_x", "no task"]),
+        (["resume", run_id, "--set", "evaluate.tasks=[lm_eval:toy_offline]", "--set",
+          f"evaluate.lm_eval_include_path={tasks}"], ["lm_eval:toy_offline", "missing/toy.jsonl"]),
+        (["resume", run_id, "--set", "evaluate.tasks=[lm_eval:toy_long]"],  # debug: rope at 2x and 4x of 128
+         ["lm_eval:toy_long at 256 tokens", "max_position_embeddings is 128"]),
+    ]
+    client = MlflowClient(mlflow_server)
+    for argv, words in attempts:
+        line = one_error_line(drope("lm-eval", argv, env, monkeypatch, capsys, timeout=600), argv[0])
+        assert all(w in line for w in words), line
+        status = json.loads(drope("status", ["status", run_id, "--json"], env, monkeypatch, capsys).stdout)
+        recs = {s["stage"]: s for s in status["stages"]}
+        assert status["run"]["status"] == "failed" and recs["evaluate"]["status"] == "failed"
+        assert recs["fit_temperature"]["status"] == "succeeded" and recs["fit_temperature"]["attempts"] == 1
+        exp = client.get_experiment_by_name("debug")
+        runs = client.search_runs([exp.experiment_id], f"tags.`drope.run_id` = '{run_id}'", order_by=["start_time DESC"])
+        assert runs and all(r.info.status != "RUNNING" for r in runs)
+        latest = next(r for r in runs if r.data.tags.get("drope.stage") == "evaluate")
+        assert latest.info.status == "FAILED" and words[0] in latest.data.tags.get("drope.error", "")

@@ -4,6 +4,8 @@
     drope eval out/eval --drope ckpt/smollm2-drope-fitted --base ckpt/smollm2 --original-context 2048 \
         --variants drope rope pi ntk yarn --tasks niah_single_1 perplexity --factors 1 2 4 --samples 4
     drope eval out/eval-base --base ckpt/smollm2 --variants rope --tasks niah_single_1 --original-context 2048
+    drope eval out/eval-mc --drope ckpt/smollm2-drope-fitted --base ckpt/smollm2 --variants drope rope \
+        --tasks lm_eval:arc_easy lm_eval:hellaswag --lm-eval-include-path tasks/offline --lm-eval-limit 200
 """
 
 from __future__ import annotations
@@ -99,6 +101,8 @@ def main_eval(argv: list[str]) -> int:
     p.add_argument("--longbench", help="LongBench data folder (jsonl / parquet) or file")
     p.add_argument("--longbench-tasks", nargs="+", default=["multifieldqa_en", "musique"])
     p.add_argument("--longbench-limit", type=int)
+    p.add_argument("--lm-eval-include-path", help="folder of lm-eval task YAMLs (tasks lm_eval:<name>), e.g. local data")
+    p.add_argument("--lm-eval-limit", type=int, help="documents per lm-eval task (default all)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="bfloat16")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--overwrite", action="store_true", help="replace the results in an existing OUTPUT")
@@ -114,7 +118,8 @@ def main_eval(argv: list[str]) -> int:
                      essay_path=args.essay, max_new_tokens=args.max_new_tokens,
                      perplexity_sequences=args.ppl_sequences, longbench_path=args.longbench,
                      longbench_tasks=args.longbench_tasks, longbench_limit=args.longbench_limit,
-                     seed=args.seed, dtype=args.dtype, original_context=args.original_context)
+                     seed=args.seed, dtype=args.dtype, original_context=args.original_context,
+                     lm_eval_include_path=args.lm_eval_include_path, lm_eval_limit=args.lm_eval_limit)
     res = evaluate(cfg, drope_checkpoint=args.drope, base_checkpoint=args.base, output_dir=args.output,
                    data=_data_config(args))
     print(open(res["table_md"]).read())

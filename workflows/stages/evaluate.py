@@ -29,6 +29,7 @@ from drope_ops import storage
 from drope_ops.choices import check_choices
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
+from drope_ops.evals import harness
 from drope_ops.hardware import Dtype, resolve_dtype
 from workflows import stage_io
 from workflows.stage import SOURCE, Stage
@@ -43,14 +44,17 @@ VARIANTS = typing.get_args(Variant)
 RESULTS_TABLE = "results_table.json"
 """The MLflow table artifact of the evaluate run: one row per cell (variant, task, factor, length, score)."""
 NIAH_TASKS = typing.get_args(NiahTask)
+TASKS = typing.get_args(Task)
 
 
 @dataclass
 class EvalConfig:
     variants: list[Variant] = field(default_factory=lambda: list(VARIANTS))
     """Models to compare: drope (the fitted DroPE checkpoint), rope (base as is), pi, ntk, yarn."""
-    tasks: list[Task] = field(default_factory=lambda: ["niah_single_1", "perplexity"])
-    """RULER NIAH task names, "perplexity" and/or "longbench"."""
+    tasks: list[Task | str] = field(default_factory=lambda: ["niah_single_1", "perplexity"])
+    """RULER NIAH task names, "perplexity", "longbench", and/or lm_eval:<task or group> (lm-evaluation-harness,
+    e.g. lm_eval:arc_easy; drope_ops/evals/harness.py): in-context ones at C_train, long-context ones at
+    every factor."""
     extension_factors: list[float] = field(default_factory=lambda: [1, 2, 4])
     """Lengths as multiples of C_train."""
     samples_per_cell: int = 4
@@ -85,9 +89,20 @@ class EvalConfig:
     README "Running on a cluster")."""
     memory_per_unit_gb: float | None = None
     """Host memory Ray reserves for each evaluation task (None: no reservation)."""
+    lm_eval_include_path: str | None = None
+    """Folder of lm-eval task YAMLs indexed after lm-eval's own: tasks of your own, or copies of lm-eval's
+    reading local files (dataset_path: json, dataset_kwargs.data_files) for offline runs."""
+    lm_eval_limit: int | None = None
+    """Documents per lm-eval task (None = all; lm-eval's --limit)."""
+    lm_eval_batch_size: int = 1
+    """lm-eval's batch size (1 keeps DroPE's temperature at each prompt's own length, not a padded one)."""
 
     def __post_init__(self):
         check_choices(self, "evaluate")
+        for task in self.tasks:
+            if task not in TASKS and not harness.is_lm_eval(task):
+                raise SpecError(f"evaluate.tasks={task!r}: choose one of {', '.join(map(repr, TASKS))}, or "
+                                f"lm_eval:<task or group> (lm-evaluation-harness)")
         if not self.variants or not self.tasks:
             raise SpecError(f"evaluate.variants / evaluate.tasks is empty: name at least one, e.g. variants: [drope, "
                             f"rope], tasks: [niah_single_1]")
@@ -97,23 +112,27 @@ class EvalConfig:
             raise SpecError(f"evaluate.samples_per_cell={self.samples_per_cell}: must be >= 1")
         if any(not 0 <= d <= 100 for d in self.depths):
             raise SpecError(f"evaluate.depths={self.depths}: percentages in 0..100")
-        for name in ("max_new_tokens", "perplexity_sequences", "longbench_limit", "original_context"):
+        for name in ("max_new_tokens", "perplexity_sequences", "longbench_limit", "original_context", "lm_eval_limit",
+                     "lm_eval_batch_size"):
             value = getattr(self, name)
             if value is not None and not (isinstance(value, int) and value >= 1):
                 raise SpecError(f"evaluate.{name}={value!r}: must be a whole number >= 1"
-                                + ("" if name == "max_new_tokens" or name == "perplexity_sequences" else " (or unset)"))
+                                + ("" if name in ("max_new_tokens", "perplexity_sequences", "lm_eval_batch_size")
+                                   else " (or unset)"))
         if "longbench" in self.tasks and not self.longbench_path:
             raise SpecError("evaluate.tasks has 'longbench' but evaluate.longbench_path is empty; point it at "
                             "LongBench's data folder (jsonl or parquet), or drop the task")
 
 
 def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: str | None,
-                     original_context: int, data: DataConfig | None = None) -> list[dict]:
+                     original_context: int, data: DataConfig | None = None,
+                     lm_eval: dict[str, bool] | None = None) -> list[dict]:
     """Plain, picklable unit descriptions, one per (variant, task, length) (+ crop for perplexity).
-    Checkpoints are named by URI (local directory or s3://): a unit materializes its own on its node."""
+    Checkpoints are named by URI (local directory or s3://): a unit materializes its own on its node.
+    `lm_eval`: {lm-eval task: long_context} (harness.check_tasks); an in-context one runs at C_train only."""
     common = {"cfg": cfg, "data": data, "original_context": int(original_context)}
-    tasks = [t for t in cfg.tasks if t != "longbench"] + [f"longbench/{t}" for t in cfg.longbench_tasks
-                                                           if "longbench" in cfg.tasks]
+    tasks = [t for t in cfg.tasks if t != "longbench" and not harness.is_lm_eval(t)] + [
+        f"longbench/{t}" for t in cfg.longbench_tasks if "longbench" in cfg.tasks]
     variants = list(cfg.variants) + (["crop"] if "perplexity" in cfg.tasks and base_checkpoint else [])
     units = []
     for variant in variants:
@@ -126,6 +145,11 @@ def evaluation_units(cfg: EvalConfig, *, drope_checkpoint: str | None, base_chec
                     continue
                 units.append({**common, "variant": variant, "task": task, "factor": float(factor),
                               "length": int(round(float(factor) * original_context)), "checkpoint": str(ckpt)})
+        for name, long_context in (lm_eval or {}).items() if variant != "crop" else ():
+            for factor in cfg.extension_factors if long_context else [1.0]:
+                units.append({**common, "variant": variant, "task": harness.result_name(name), "lm_eval": name,
+                              "long_context": long_context, "factor": float(factor), "checkpoint": str(ckpt),
+                              "length": int(round(float(factor) * original_context))})
     return units
 
 
@@ -190,7 +214,13 @@ def run_unit(unit: dict) -> dict:
     out = {k: unit[k] for k in ("variant", "task", "factor", "length")}
     say = lambda msg: print(f"[evaluate] {unit['variant']}: {msg}", flush=True)  # noqa: E731
     with torch.inference_mode():
-        if task in NIAH_TASKS and not _fits(task, tok, length, cfg):
+        if "lm_eval" in unit:
+            out.update(harness.evaluate_task(
+                model, tok, unit["lm_eval"], length=length, long_context=unit["long_context"],
+                tokenizer_path=str(stage_io.local_dir(unit["checkpoint"])), include_path=cfg.lm_eval_include_path,
+                limit=cfg.lm_eval_limit, batch_size=cfg.lm_eval_batch_size))
+            say(f"{task} L={length}: {out['metric']} {out['score']}")
+        elif task in NIAH_TASKS and not _fits(task, tok, length, cfg):
             out.update(metric="string_match_all", score=None, skipped=f"{length} tokens cannot hold the prompt frame")
         elif task in NIAH_TASKS:
             task_haystack = niah.TASKS[task].haystack if cfg.haystack is None else cfg.haystack
@@ -238,7 +268,7 @@ def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: 
 
     C = cfg.original_context or _original_context(drope_checkpoint, base_checkpoint)
     units = evaluation_units(cfg, drope_checkpoint=drope_checkpoint, base_checkpoint=base_checkpoint,
-                             original_context=C, data=data)
+                             original_context=C, data=data, lm_eval=_check_lm_eval(cfg, base_checkpoint, C))
     log_cell = functools.partial(_log_score, metrics_sink, model_ids or {})
     results = _run_deduplicated(units, cfg, log_cell, C)
     out = Path(output_dir)
@@ -248,6 +278,22 @@ def evaluate(cfg: EvalConfig, *, drope_checkpoint: str | None, base_checkpoint: 
             "heatmaps": [str(p) for p in report.niah_heatmaps(results, out)],
             "ppl_plot": (lambda p: str(p) if p else None)(report.perplexity_plot(results, out, C)),
             "results": results}
+
+
+def _check_lm_eval(cfg: EvalConfig, base_checkpoint: str | None, original_context: int) -> dict[str, bool]:
+    """{lm-eval task: long_context}, refused here, before any model loads, for a name lm-eval does not know
+    or a RoPE model asked past its max_position_embeddings."""
+    names = [harness.harness_name(t) for t in cfg.tasks if harness.is_lm_eval(t)]
+    if not names:
+        return {}
+    kinds = harness.check_tasks(names, cfg.lm_eval_include_path)
+    if base_checkpoint and "rope" in cfg.variants and any(kinds.values()):
+        import json
+
+        positions = json.loads((stage_io.materialize_metadata(base_checkpoint) / "config.json").read_text())
+        harness.check_rope_lengths([n for n, long in kinds.items() if long], [
+            int(round(float(s) * original_context)) for s in cfg.extension_factors], positions["max_position_embeddings"])
+    return kinds
 
 
 def _original_context(drope_checkpoint, base_checkpoint) -> int:
