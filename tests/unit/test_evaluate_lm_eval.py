@@ -35,7 +35,7 @@ class Sink:
     def __init__(self):
         self.logged = []
 
-    def log_metrics(self, metrics, step):
+    def log_metrics(self, metrics, step, model_id=""):
         self.logged += [(key, value, step) for key, value in metrics.items()]
 
 
