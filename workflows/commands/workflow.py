@@ -21,12 +21,12 @@ from workflows.commands.parser import Parser
 from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_yaml, preset_names, to_dict
 from workflows.ledger import Ledger
 from workflows.pipeline import run_pipeline, stage_names
-from workflows.runs import drope_home, find_run, remember, storage_root
+from workflows.runs import check_run_id, drope_home, find_run, remember, storage_root
 from workflows.spec import WorkflowSpec, load_spec, spec_from_yaml
 
 
 def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
-    run_id = run_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_id = check_run_id(run_id) if run_id else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_uri = storage.join(storage_root(spec), run_id)
     ledger = Ledger(run_uri)
     if not ledger.exists():
