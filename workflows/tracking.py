@@ -212,14 +212,19 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            try:
-                self.client.create_experiment(name, artifact_location=location)
+            try:  # created with its kind in one step: a separate set_experiment_tag races the other drivers
+                self.client.create_experiment(name, artifact_location=location,
+                                              tags={EXPERIMENT_KIND: "custom_model_development"})
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
                     raise
             exp = self.client.get_experiment_by_name(name)
-        if EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        if EXPERIMENT_KIND not in exp.tags:  # an experiment made without it; a kind the user chose is kept
+            try:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+            except MlflowException:  # two drivers tagging at once: the server refuses the second insert
+                if EXPERIMENT_KIND not in self.client.get_experiment(exp.experiment_id).tags:
+                    raise
         return exp.experiment_id
 
     def sink(self, rid: str) -> MlflowMetricsSink:

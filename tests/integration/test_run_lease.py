@@ -107,10 +107,16 @@ def test_heartbeat_keeps_the_lease(tmp_path):
         lease.release()
 
 
-def test_experiment_created_by_concurrent_drivers(mlflow_server):
-    name = f"race-{time.time_ns()}"
+@pytest.mark.parametrize("existing", ["none", "untagged"])
+def test_experiment_created_by_concurrent_drivers(mlflow_server, existing):
+    """Six drivers get-or-create one experiment at once: a new one, or one made without drope's
+    experiment-kind tag (each driver then tags it; the server refuses all inserts but the first)."""
+    name = f"race-{existing}-{time.time_ns()}"
+    if existing == "untagged":
+        MlflowClient(mlflow_server).create_experiment(name)
     ids, errors = together(lambda: Tracker(mlflow_server, name).experiment_id, 6)
     assert not errors and len(set(ids)) == 1 and len(ids) == 6, (errors, ids)
+    assert MlflowClient(mlflow_server).get_experiment(ids[0]).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_buffer_replays_into_mlflow_and_empties(mlflow_server, tmp_path):
