@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from pathlib import Path
 
@@ -52,6 +53,21 @@ def _number_type(tp) -> type | None:
     return next(iter(args)) if len(args) == 1 and next(iter(args)) in (int, float) else None
 
 
+def _check_scalar(field: str, tp, value) -> None:
+    """What a dataclass does not check itself: true/false given for a number (bool is an int to
+    Python), .nan / .inf for a float, a fixed-length tuple (AdamW betas) given another length."""
+    number = _number_type(tp)
+    if number is not None and isinstance(value, bool):
+        raise SpecError(f"spec field {field}={str(value).lower()}: must be a number, e.g. {field}="
+                        f"{'1e-3' if number is float else '10'}")
+    if number is float and isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(f"spec field {field}={value}: must be a finite number")
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) is tuple and Ellipsis not in args and isinstance(value, (list, tuple)) \
+            and len(value) != len(args):
+        raise SpecError(f"spec field {field}={list(value)}: give a list of exactly {len(args)} values")
+
+
 def _is_list(tp) -> bool:
     """Fields typed list[...] (or list[...] | None)."""
     return typing.get_origin(tp) is list or any(typing.get_origin(a) is list for a in typing.get_args(tp))
@@ -83,6 +99,7 @@ def from_dict(cls, data: dict | None, where: str = ""):
             except ValueError:
                 raise SpecError(f"spec field {where}{name}={value!r}: must be a number, e.g. "
                                 f"{where}{name}={'1e-3' if _number_type(tp) is float else '10'}") from None
+        _check_scalar(f"{where}{name}", tp, value)
         kwargs[name] = value
     try:
         return cls(**kwargs)

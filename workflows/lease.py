@@ -13,6 +13,7 @@ own and says so.
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import fcntl
 import json
@@ -48,6 +49,10 @@ def _holder_gone(held: dict) -> bool:
 
 class RunBusy(DropeError):
     """Another driver holds the run's lease."""
+
+
+class LeaseLost(DropeError):
+    """This driver's lease was taken over: it stops its stage work and writes nothing more to the ledger."""
 
 
 class RunLease:
@@ -153,11 +158,16 @@ class RunLease:
         return self
 
     def _heartbeat(self) -> None:
-        while not self._stop.wait(self.ttl_s / 4):
+        while not self._stop.wait(self.ttl_s / 4) and not self.lost:  # lost found by check(): it raised already
             try:
                 self.renew()
             except Exception as e:  # storage briefly unreachable: the next beat tries again
                 print(f"[drope] lease {self.uri}: renewal failed ({e}); retrying", flush=True)
+            if self.lost:
+                print(f"[drope] run {self.run_id}: its lease was taken over by {self.lost}; stopping this "
+                      "driver's stage work", flush=True)
+                _thread.interrupt_main()  # the driver's ray.get / stage loop stops with KeyboardInterrupt
+                return
 
     def renew(self) -> None:
         if not storage.is_s3(self.uri):
@@ -168,15 +178,26 @@ class RunLease:
     def _renew(self) -> None:
         held, etag = self._read()
         if held is None or held.get("token") != self.token:
-            if not self.lost:
-                self.lost = (held or {}).get("holder", "nobody")
-                print(f"[drope] run {self.run_id}: its lease was taken over by {self.lost}; this driver no longer "
-                      "owns the run", flush=True)
+            self.lost = self.lost or (held or {}).get("holder", "nobody")
             return
         if storage.is_s3(self.uri):
             self._create(if_match=etag)
         else:
             storage.write_bytes(self.uri, self._body())
+
+    def check(self) -> None:
+        """Raise LeaseLost unless this driver still holds the lease (read from storage, not cached): the
+        ledger calls it before each write, so a driver that was taken over writes nothing more."""
+        if not self.lost:
+            held, _ = self._read()
+            if held is None or held.get("token") != self.token:
+                self.lost = (held or {}).get("holder", "nobody")
+        if self.lost:
+            raise LeaseLost(self.lost_line())
+
+    def lost_line(self) -> str:
+        return (f"run {self.run_id}: another driver ({self.lost}) took over its lease {self.uri}; this driver stopped "
+                f"its stage work and wrote nothing more to the ledger: follow the run with `drope status {self.run_id}`")
 
     def release(self) -> None:
         self._stop.set()

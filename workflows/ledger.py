@@ -17,6 +17,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Callable
 
 from drope_ops import storage
 from drope_ops.errors import DropeError
@@ -54,8 +55,14 @@ class StageRecord:
 
 
 class Ledger:
-    def __init__(self, run_uri: str):
+    def __init__(self, run_uri: str, guard: Callable[[], None] | None = None):
         self.run_uri = run_uri
+        self.guard = guard  # called before every write (the driver's RunLease.check): raises once the run is lost
+
+    def _write(self, uri: str, body: bytes) -> None:
+        if self.guard is not None:
+            self.guard()
+        storage.write_bytes(uri, body)
 
     # -- run-level --------------------------------------------------------------------------------
     def _run_path(self) -> str:
@@ -70,7 +77,7 @@ class Ledger:
         return json.loads(storage.read_bytes(self._run_path()))
 
     def write_run(self, run: dict) -> None:
-        storage.write_bytes(self._run_path(), json.dumps(run, indent=1, sort_keys=True).encode())
+        self._write(self._run_path(), json.dumps(run, indent=1, sort_keys=True).encode())
 
     def create_run(self, run: dict) -> bool:
         """Write run.json only where there is none (two `drope run --run-id X` at once: one record).
@@ -108,7 +115,7 @@ class Ledger:
         return run
 
     def write_spec(self, spec_yaml: str) -> None:
-        storage.write_bytes(storage.join(self.run_uri, "spec.yaml"), spec_yaml.encode())
+        self._write(storage.join(self.run_uri, "spec.yaml"), spec_yaml.encode())
 
     def read_spec(self) -> str:
         return storage.read_bytes(storage.join(self.run_uri, "spec.yaml")).decode()
@@ -124,7 +131,7 @@ class Ledger:
         return StageRecord(**json.loads(storage.read_bytes(path)))
 
     def put(self, record: StageRecord) -> None:
-        storage.write_bytes(self._stage_path(record.stage), json.dumps(asdict(record), indent=1, sort_keys=True).encode())
+        self._write(self._stage_path(record.stage), json.dumps(asdict(record), indent=1, sort_keys=True).encode())
 
     def records(self, stages: list[str]) -> list[StageRecord]:
         return [self.get(s) for s in stages]

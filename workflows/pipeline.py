@@ -24,7 +24,7 @@ import yaml
 from drope_ops import storage
 from drope_ops.errors import DropeError, SpecError
 from workflows import stages
-from workflows.lease import RunLease
+from workflows.lease import LeaseLost, RunLease
 from workflows.ledger import FAILED, KILLED, RUNNING, SUCCEEDED, Ledger, StageRecord, fingerprint
 from workflows.spec import WorkflowSpec, to_dict
 from workflows.stage import Stage, StageContext
@@ -58,6 +58,10 @@ def _resolve_ray(spec: WorkflowSpec):
 
     if not ray.is_initialized():
         if spec.ray.address:
+            from workflows.submit import check_ray_address
+
+            if spec.ray.address not in ("auto", "local"):
+                check_ray_address(spec.ray.address)  # bounded: ray.init retries an absent head for minutes
             kwargs = {"address": spec.ray.address}
         elif os.environ.get("RAY_ADDRESS"):
             kwargs = {}  # inside a Ray job (drope submit): the job's cluster
@@ -96,12 +100,17 @@ def run_pipeline(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, take
     """Run (or resume) the workflow `run_id` whose records live at `run_uri`. Returns the records.
 
     The run's lease is taken first: a second driver of the same run stops here, touching nothing."""
-    with RunLease(run_uri, run_id).acquire(take_over=take_over):
-        return _drive(spec, run_id, run_uri, home)
+    with RunLease(run_uri, run_id).acquire(take_over=take_over) as lease:
+        try:
+            return _drive(spec, run_id, run_uri, home, lease)
+        except BaseException:
+            if lease.lost:  # taken over: its heartbeat stopped the stage (KeyboardInterrupt); say why, in one line
+                raise LeaseLost(lease.lost_line()) from None
+            raise
 
 
-def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> dict:
-    ledger = Ledger(run_uri)
+def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: RunLease) -> dict:
+    ledger = Ledger(run_uri, guard=lease.check)  # a driver taken over writes nothing more
     tracking_uri = resolve_tracking_uri(spec.tracking.uri, home)
     run = ledger.read_run() if ledger.exists() else {"run_id": run_id, "name": spec.name, "attempts": 0}
     attempts = run.get("attempts", 0) + 1
@@ -151,8 +160,9 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path) -> dict:
         raise _unwrap(e) from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
-        ledger.update_run(status=status, error=error)
-        tracker.end_run(parent, status)
+        if not lease.lost:  # the run and its parent MLflow run belong to the driver that took over
+            ledger.update_run(status=status, error=error)
+            tracker.end_run(parent, status)
     return records
 
 
@@ -221,9 +231,12 @@ def _register_outputs(spec, stage: Stage, tracker, child, out_uri, fp, inputs, r
 
 
 def _close(ledger, tracker, rec, child, status, **fields) -> None:
-    """The ledger record and the stage's MLflow run end together, in the same status."""
-    ledger.finish(rec, status, **fields)
-    tracker.end_run(child, status, error=fields.get("error", ""))
+    """The ledger record and the stage's MLflow run end together, in the same status (the MLflow run
+    also when the ledger refuses the write: this driver lost the run's lease)."""
+    try:
+        ledger.finish(rec, status, **fields)
+    finally:
+        tracker.end_run(child, status, error=fields.get("error", ""))
     try:  # the next successful call replays what the stage buffered during a tracking outage
         tracker.replay_buffered(patient=False)
     except Exception as e:

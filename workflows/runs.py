@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 from drope_ops import storage
-from drope_ops.errors import DropeError
+from drope_ops.errors import DropeError, SpecError
 from workflows.ledger import Ledger
 
 
@@ -24,6 +24,14 @@ def drope_home() -> Path:
 
 def storage_root(spec) -> str:
     return spec.storage.root or str(drope_home() / "runs")
+
+
+def check_run_id(run_id: str) -> str:
+    """A run id names a directory under the storage root and an index file: a plain name, never a path."""
+    if not run_id or run_id.startswith(".") or not all(c.isalnum() or c in "-_." for c in run_id):
+        raise SpecError(f"run id {run_id!r}: use letters, digits, '-', '_' or '.' (not first), e.g. smollm2-try1; "
+                        "it names the run's directory under storage.root")
+    return run_id
 
 
 def _index_path(run_id: str) -> Path:
@@ -41,6 +49,7 @@ def remember(run_id: str, run_uri: str, **extra) -> None:
 
 
 def find_run(run_id: str, storage_flag: str = "") -> tuple[str, dict]:
+    check_run_id(run_id)
     if storage_flag:
         uri = storage.join(storage_flag, run_id)
         if Ledger(uri).exists():

@@ -59,11 +59,18 @@ class TrackingSpec:
 @dataclass
 class RaySpec:
     address: str = ""
-    """Ray cluster to join from the driver ('' = inside a Ray job: its cluster; else a local one)."""
+    """Ray cluster to join from the driver: HOST:PORT of its head's GCS (6379), ray://HOST:PORT or auto
+    ('' = inside a Ray job: its cluster; else a local one)."""
     num_cpus: int | None = None
     """CPUs of the local Ray instance `drope run` starts (None = all)."""
 
     def __post_init__(self):
+        target = self.address.removeprefix("ray://")
+        host, _, port = target.rpartition(":")
+        if self.address not in ("", "auto", "local") and (not host or "/" in target or not port.isdigit()):
+            raise SpecError(f"ray.address={self.address!r}: give HOST:PORT of the head's GCS (e.g. 10.0.0.5:6379), "
+                            "ray://HOST:10001 or auto; a dashboard URL (http://HEAD:8265) goes to `drope submit "
+                            "--address`")
         if self.num_cpus is not None and not (isinstance(self.num_cpus, int) and self.num_cpus >= 1):
             raise SpecError(f"ray.num_cpus={self.num_cpus!r}: give a whole number >= 1, or leave it unset for all")
 

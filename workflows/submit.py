@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import os
 import shlex
+import socket
+import threading
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 
 import yaml
-
 
 from drope_ops.errors import DropeError
 from workflows.ledger import Ledger
@@ -42,6 +43,43 @@ def check_address(address: str) -> None:
         reason = getattr(e, "reason", e)
     raise DropeError(f"--address {address}: no Ray dashboard answers there ({reason}); "
                      "start one (cluster/local-up.sh) or give http://HEAD:8265 of a running cluster")
+
+
+def check_ray_address(address: str, wait_s: float = 60) -> None:
+    """Fail in one line, within seconds, when no Ray head answers at `address` (host:port of its GCS,
+    or ray://host:port): ray.init would otherwise retry the connect for over five minutes."""
+    target = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = target.rpartition(":")
+    fix = ("start a head there (`ray start --head`, cluster/local-up.sh), give HEAD:6379 of a running "
+           "cluster, or leave ray.address empty for a local Ray")
+    try:
+        socket.create_connection((host, int(port)), timeout=5).close()
+    except OSError as e:
+        raise DropeError(f"ray.address {address}: nothing answers there ({e.strerror or e}); {fix}") from None
+    if address.startswith("ray://"):
+        return  # a Ray Client server: ray.init's client connect has its own bounded retries
+    _check_gcs(address, target, wait_s, fix)
+
+
+def _check_gcs(address: str, target: str, wait_s: float, fix: str) -> None:
+    """Something listens at `target`: is it a Ray head's GCS? (GcsClient blocks ~40 s on anything else.)"""
+    from ray._raylet import GcsClient
+
+    failure: list[str] = []
+
+    def probe():
+        try:
+            GcsClient(address=target)
+        except Exception as e:
+            failure.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+
+    thread = threading.Thread(target=probe, name="drope-gcs-probe", daemon=True)
+    thread.start()
+    thread.join(wait_s)
+    if thread.is_alive() or failure:
+        reason = failure[0] if failure else f"no answer within {wait_s:.0f}s"
+        raise DropeError(f"ray.address {address}: something listens there but it is not a Ray head's GCS "
+                         f"({reason}); {fix}")
 
 
 def _runtime_env(run_uri: str) -> dict:

@@ -13,6 +13,7 @@ import json
 import os
 import re
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -94,6 +95,13 @@ def git_revision() -> str:
 OUTAGE_BACKOFF_S = 30  # after a failed call, buffer without trying the server for this long
 
 
+def _say(line: str) -> None:
+    """One line on stdout. Not print(): in a Ray Train worker (rank 0 runs this sink) Ray Train 2.60
+    patches print to tee each line to stdout and to its logger, so a print shows up twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 class MlflowMetricsSink:
     """Picklable metrics sink for stages (rank 0 of training, evaluation tasks): logs to one run.
 
@@ -123,7 +131,7 @@ class MlflowMetricsSink:
             if self._buffered:
                 MetricsBuffer(self.buffer_uri).replay(self._client, self.run_id)
                 self._buffered = False
-                print(f"[drope] tracking server {self.tracking_uri} answers again: buffered metrics replayed", flush=True)
+                _say(f"[drope] tracking server {self.tracking_uri} answers again: buffered metrics replayed")
             self._client.log_batch(self.run_id, metrics=batch)
         except Exception as e:
             if not (self.buffer_uri and is_outage(e)):
@@ -135,8 +143,8 @@ class MlflowMetricsSink:
         buf = MetricsBuffer(self.buffer_uri)
         buf.put(self.run_id, [(m.key, m.value, m.timestamp, m.step, m.model_id) for m in batch])
         if not self._buffered:
-            print(f"[drope] tracking server {self.tracking_uri} is not answering: metrics of MLflow run {self.run_id} "
-                  f"are buffered to {buf.root} and replayed when it answers (or by `drope resume`)", flush=True)
+            _say(f"[drope] tracking server {self.tracking_uri} is not answering: metrics of MLflow run {self.run_id} "
+                 f"are buffered to {buf.root} and replayed when it answers (or by `drope resume`)")
         self._buffered = True
 
     def fill_history(self, history: list[dict]) -> None:
@@ -223,14 +231,19 @@ class Tracker:
 
         exp = self.client.get_experiment_by_name(name)
         if exp is None:
-            try:
-                self.client.create_experiment(name, artifact_location=location)
+            try:  # created with its kind in one step: a separate set_experiment_tag races the other drivers
+                self.client.create_experiment(name, artifact_location=location,
+                                              tags={EXPERIMENT_KIND: "custom_model_development"})
             except MlflowException as e:
                 if e.error_code != "RESOURCE_ALREADY_EXISTS" and "already exists" not in str(e).lower():
                     raise
             exp = self.client.get_experiment_by_name(name)
-        if EXPERIMENT_KIND not in exp.tags:  # a kind the user chose is kept
-            self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+        if EXPERIMENT_KIND not in exp.tags:  # an experiment made without it; a kind the user chose is kept
+            try:
+                self.client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, "custom_model_development")
+            except MlflowException:  # two drivers tagging at once: the server refuses the second insert
+                if EXPERIMENT_KIND not in self.client.get_experiment(exp.experiment_id).tags:
+                    raise
         return exp.experiment_id
 
     def sink(self, rid: str) -> MlflowMetricsSink:

@@ -104,7 +104,7 @@ def env(tmp_path_factory, mlflow_server, moto_server):
 # same entry point, workflows.cli.main, in this process (the same code path, seconds instead of a
 # fresh interpreter each).
 SUBPROCESS = {"unknown-preset", "zero-steps", "mlflow-unreachable", "ray-nothing-listening", "resume-unknown-run",
-              "gpt2-architecture",
+              "gpt2-architecture", "ray-address-unreachable",
               # lm-eval logs through the root logger, whose handler an earlier in-process case left on a closed stream
               "eval-lm-eval-data-not-there", "eval-lm-eval-rope-past-positions", "lm-eval"}
 
@@ -212,6 +212,29 @@ SPEC_CASES = [
     ("fetch-without-dest", lambda b: ["fetch", str(b["debug"])], ["dest", "drope fetch --help"]),
     ("recalibrate-unknown-flag", lambda b: ["recalibrate", str(b["debug"]), "/tmp/drope-never-written", "--stepz",
                                             "3"], ["--stepz", "drope recalibrate --help"]),
+    # the workflow commands' flags, through the same one-line Parser
+    ("run-unknown-flag", lambda b: ["run", "debug", "--run-idd", "x"], ["--run-idd", "drope run --help"]),
+    ("submit-without-address", lambda b: ["submit", "debug"], ["--address", "drope submit --help"]),
+    ("status-without-run-id", lambda b: ["status"], ["run_id", "drope status --help"]),
+    ("resume-flag-typo", lambda b: ["resume", "x", "--takeover"], ["--takeover", "drope resume --help"]),
+    ("run-id-a-path", lambda b: ["run", "debug", "--run-id", "../escaped"], ["run id '../escaped'", "letters"]),
+    ("resume-run-id-a-path", lambda b: ["resume", "a/b"], ["run id 'a/b'"]),
+    ("ray-address-dashboard-url", lambda b: ["run", "debug", "--set", "ray.address=http://127.0.0.1:8265"],
+     ["ray.address", "HOST:PORT", "drope submit"]),
+    ("steps-given-true", lambda b: ["run", "debug", "--set", "recalibrate.steps=true"],
+     ["recalibrate.steps=true", "number"]),
+    ("lr-infinite", lambda b: ["run", "debug", "--set", "recalibrate.lr=.inf"], ["recalibrate.lr", "finite"]),
+    ("betas-one-value", lambda b: ["run", "debug", "--set", "recalibrate.betas=[0.9]"],
+     ["recalibrate.betas", "exactly 2"]),
+    ("rope-layer-negative", lambda b: ["run", "debug", "--set", "drop_rope.rope_layers=[-1]"],
+     ["drop_rope.rope_layers", "-1"]),
+    ("eval-drope-without-checkpoint", lambda b: ["eval", "/tmp/drope-never-written", "--base", str(b["debug"]),
+                                                 "--variants", "drope", "rope", "--original-context", "128"],
+     ["--variants drope", "--drope CHECKPOINT"]),
+    ("eval-baselines-without-base", lambda b: ["eval", "/tmp/drope-never-written", "--drope", str(b["debug"]),
+                                               "--variants", "drope", "yarn"], ["--variants yarn", "--base"]),
+    ("fit-temperature-bounds-reversed", lambda b: ["fit-temperature", str(b["debug"]), "/tmp/drope-never-written",
+                                                   "--bounds", "3", "0.5"], ["fit_temperature.bounds", "low < high"]),
 ]
 
 # These pass spec validation, so a run starts and the failing stage must be recorded as FAILED.
@@ -251,6 +274,7 @@ def test_refused_before_anything_runs(case, argv, words, bad_checkpoints, env, m
     for w in words:
         assert w in line, line
     assert set(Path(env["DROPE_HOME"]).glob("runs/*")) == runs_before  # nothing created
+    assert not (Path(env["DROPE_HOME"]) / "escaped").exists()
     assert not Path("/tmp/drope-never-written").exists()
     assert json.loads((bad_checkpoints["earlier_eval"] / "results.json").read_text()) == {"earlier": True}
 
@@ -305,3 +329,20 @@ def test_lm_eval_mistakes_fail_the_evaluate_stage(bad_checkpoints, env, mlflow_s
         assert runs and all(r.info.status != "RUNNING" for r in runs)
         latest = next(r for r in runs if r.data.tags.get("drope.stage") == "evaluate")
         assert latest.info.status == "FAILED" and words[0] in latest.data.tags.get("drope.error", "")
+
+
+def test_unreachable_ray_address_fails_the_run_in_one_line(env, monkeypatch, capsys):
+    """ray.init retries a head that is not there for over five minutes: the driver checks ray.address
+    first (a TCP connect, then a bounded GCS probe) and the run record ends FAILED with the line;
+    so does a resume given the same address."""
+    run_id = "bad-ray-address"
+    for argv in (["run", "debug", "--run-id", run_id, "--set", "ray.address=127.0.0.1:1"],
+                 ["resume", run_id, "--set", "ray.address=127.0.0.1:1"]):
+        proc = drope("ray-address-unreachable", argv, env, monkeypatch, capsys, timeout=120)
+        line = one_error_line(proc, argv[0])
+        for w in ("ray.address 127.0.0.1:1", "nothing answers there", "ray start --head"):
+            assert w in line, line
+        run = json.loads(drope("status", ["status", run_id, "--json"], env, monkeypatch, capsys).stdout)["run"]
+        assert run["status"] == "failed" and "ray.address 127.0.0.1:1" in run["error"], run
+    assert run["attempts"] == 2
+    assert not (Path(env["DROPE_HOME"]) / "runs" / run_id / "lease.json").exists()  # released

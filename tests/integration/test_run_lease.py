@@ -9,7 +9,9 @@ import pytest
 from mlflow import MlflowClient
 
 from drope_ops import storage
-from workflows.lease import RunBusy, RunLease
+from tests.fixtures.services import free_port
+from workflows.lease import LeaseLost, RunBusy, RunLease
+from workflows.ledger import Ledger
 from workflows.tracking import Tracker
 from workflows.tracking_outage import MetricsBuffer
 
@@ -76,6 +78,25 @@ def test_take_over_replaces_a_live_lease(run_uri):
     second.release()
 
 
+def test_a_driver_taken_over_writes_nothing_more_to_the_ledger(run_uri):
+    first = RunLease(run_uri, "r1").acquire()
+    ledger = Ledger(run_uri, guard=first.check)
+    ledger.update_run(status="running", attempts=1)  # its own: written
+    second = RunLease(run_uri, "r1").acquire(take_over=True)
+    try:
+        with pytest.raises(LeaseLost) as e:
+            ledger.update_run(status="killed")
+        line = str(e.value)
+        assert "\n" not in line and "took over" in line and f"drope status r1" in line, line
+        with pytest.raises(LeaseLost):
+            ledger.write_spec("name: x\n")
+        assert Ledger(run_uri).read_run()["status"] == "running"  # untouched by the driver that lost it
+        Ledger(run_uri, guard=second.check).update_run(status="succeeded")  # the new holder writes
+    finally:
+        first.release()
+        second.release()
+
+
 def test_heartbeat_keeps_the_lease(tmp_path):
     lease = RunLease(str(tmp_path / "r"), "r", ttl_s=0.8).acquire()
     try:
@@ -86,10 +107,16 @@ def test_heartbeat_keeps_the_lease(tmp_path):
         lease.release()
 
 
-def test_experiment_created_by_concurrent_drivers(mlflow_server):
-    name = f"race-{time.time_ns()}"
+@pytest.mark.parametrize("existing", ["none", "untagged"])
+def test_experiment_created_by_concurrent_drivers(mlflow_server, existing):
+    """Six drivers get-or-create one experiment at once: a new one, or one made without drope's
+    experiment-kind tag (each driver then tags it; the server refuses all inserts but the first)."""
+    name = f"race-{existing}-{time.time_ns()}"
+    if existing == "untagged":
+        MlflowClient(mlflow_server).create_experiment(name)
     ids, errors = together(lambda: Tracker(mlflow_server, name).experiment_id, 6)
     assert not errors and len(set(ids)) == 1 and len(ids) == 6, (errors, ids)
+    assert MlflowClient(mlflow_server).get_experiment(ids[0]).tags["mlflow.experimentKind"] == "custom_model_development"
 
 
 def test_buffer_replays_into_mlflow_and_empties(mlflow_server, tmp_path):
@@ -107,3 +134,29 @@ def test_buffer_replays_into_mlflow_and_empties(mlflow_server, tmp_path):
     run = client.get_run(rid)
     assert run.info.status == "KILLED" and run.data.tags["drope.error"] == "driver lost"
     assert buf.pending() == []
+
+
+def test_sink_in_a_ray_train_worker_says_buffering_once(tmp_path, capfd):
+    """Rank 0 of a real Ray Train run logs to a tracking server that is not there: the metrics are
+    buffered and the line saying so is printed once (Ray Train patches print() to write it twice)."""
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from workflows.tracking import MlflowMetricsSink
+
+    def train_func(config):
+        for step in (1, 2, 3):
+            config["sink"].log_metrics({"loss": 1.0 / step}, step=step)
+
+    sink = MlflowMetricsSink(f"http://127.0.0.1:{free_port()}", "abc123", str(tmp_path / "run"))
+    ray.init(address="local", num_cpus=1, include_dashboard=False, log_to_driver=True)
+    try:
+        TorchTrainer(train_func, train_loop_config={"sink": sink}, scaling_config=ScalingConfig(num_workers=1),
+                     run_config=RunConfig(storage_path=str(tmp_path / "rt"), name="sink")).fit()
+        time.sleep(2)  # the worker's last lines reach the driver
+    finally:
+        ray.shutdown()
+    out = capfd.readouterr()
+    assert (out.out + out.err).count("are buffered to") == 1, out.out[-3000:]
+    assert sum(len(json.loads(storage.read_bytes(u))) for u in MetricsBuffer(str(tmp_path / "run")).pending("abc123")) == 3

@@ -71,6 +71,13 @@ def _check_eval_paths(args) -> None:
     out = Path(args.output)
     if (out.is_file() or (out.is_dir() and any(out.iterdir()))) and not args.overwrite:
         raise SpecError(f"{out}: already exists; choose a new destination, remove it first, or pass --overwrite")
+    baselines = [v for v in args.variants if v != "drope"]
+    if "drope" in args.variants and args.drope is None:
+        raise SpecError("--variants drope needs --drope CHECKPOINT (the fitted DroPE checkpoint), or leave drope out "
+                        "of --variants")
+    if baselines and args.base is None:
+        raise SpecError(f"--variants {' '.join(baselines)} needs --base CHECKPOINT (the RoPE model they scale), or "
+                        "leave them out of --variants")
     for flag, ckpt in (("--drope", args.drope), ("--base", args.base)):
         if ckpt is None:
             continue

@@ -7,7 +7,6 @@ RUN_ID` needs no flags on the box that started the run (elsewhere: --storage ROO
 
 from __future__ import annotations
 
-import argparse
 import json
 import secrets
 import time
@@ -18,15 +17,16 @@ import yaml
 from drope_ops import storage
 from drope_ops.errors import SpecError
 from workflows import stages
+from workflows.commands.parser import Parser
 from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_yaml, preset_names, to_dict
 from workflows.ledger import Ledger
 from workflows.pipeline import run_pipeline, stage_names
-from workflows.runs import drope_home, find_run, remember, storage_root
+from workflows.runs import check_run_id, drope_home, find_run, remember, storage_root
 from workflows.spec import WorkflowSpec, load_spec, spec_from_yaml
 
 
 def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
-    run_id = run_id or f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
+    run_id = check_run_id(run_id) if run_id else f"{spec.name}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(2)}"
     run_uri = storage.join(storage_root(spec), run_id)
     ledger = Ledger(run_uri)
     if not ledger.exists():
@@ -36,12 +36,12 @@ def _new_run(spec: WorkflowSpec, run_id: str = "") -> tuple[str, str]:
     return run_id, run_uri
 
 
-def _spec_args(p: argparse.ArgumentParser) -> None:
+def _spec_args(p: Parser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set recalibrate.steps=10 (repeatable)")
 
 
-def _take_over_arg(p: argparse.ArgumentParser) -> None:
+def _take_over_arg(p: Parser) -> None:
     p.add_argument("--take-over", action="store_true",
                    help="drive the run even though another driver holds its lease (that driver is told it lost it)")
 
@@ -66,7 +66,7 @@ def _execute(spec: WorkflowSpec, run_id: str, run_uri: str, take_over: bool = Fa
 
 
 def main_presets(argv: list[str]) -> int:
-    argparse.ArgumentParser(prog="drope presets", description="list the workflow presets").parse_args(argv)
+    Parser(prog="drope presets", description="list the workflow presets").parse_args(argv)
     for name in preset_names():
         first = (PRESETS_DIR / f"{name}.yaml").read_text().splitlines()[0].lstrip("# ").strip()
         print(f"{name:<20} {first}")
@@ -74,7 +74,7 @@ def main_presets(argv: list[str]) -> int:
 
 
 def main_plan(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope plan", description="print stages, resources and cost before running")
+    p = Parser(prog="drope plan", description="print stages, resources and cost before running")
     p.add_argument("spec")
     _spec_args(p)
     args = p.parse_args(argv)
@@ -86,7 +86,7 @@ def main_plan(argv: list[str]) -> int:
 
 
 def main_run(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope run", description="run the DroPE workflow here (embedded defaults)")
+    p = Parser(prog="drope run", description="run the DroPE workflow here (embedded defaults)")
     p.add_argument("spec", help="a preset name (drope presets) or a YAML spec file")
     p.add_argument("--run-id", default="", help="name the run (default: <name>-<time>-<random>)")
     _take_over_arg(p)
@@ -107,7 +107,7 @@ def _load_run_spec(run_uri: str, overrides: list[str]) -> WorkflowSpec:
 
 
 def main_resume(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope resume", description="finish a run: finished stages are skipped")
+    p = Parser(prog="drope resume", description="finish a run: finished stages are skipped")
     p.add_argument("run_id")
     p.add_argument("--storage", default="", help="storage root of the run when this box has no index entry")
     p.add_argument("--address", default="", help="resubmit to this Ray cluster as a job instead of running here")
@@ -128,7 +128,7 @@ def main_resume(argv: list[str]) -> int:
 
 
 def main_submit(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope submit", description="submit the workflow to a Ray cluster as a job")
+    p = Parser(prog="drope submit", description="submit the workflow to a Ray cluster as a job")
     p.add_argument("spec")
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.add_argument("--run-id", default="")
@@ -145,7 +145,7 @@ def main_submit(argv: list[str]) -> int:
 
 
 def main_status(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope status", description="each stage's state, attempt, duration, output")
+    p = Parser(prog="drope status", description="each stage's state, attempt, duration, output")
     p.add_argument("run_id")
     p.add_argument("--storage", default="")
     p.add_argument("--json", action="store_true", help="machine-readable output")
@@ -173,7 +173,7 @@ def main_status(argv: list[str]) -> int:
 
 
 def main_lineage(argv: list[str]) -> int:
-    p = argparse.ArgumentParser(prog="drope lineage", description="base model -> ... -> evaluation, with MLflow ids")
+    p = Parser(prog="drope lineage", description="base model -> ... -> evaluation, with MLflow ids")
     p.add_argument("run_id")
     p.add_argument("--storage", default="")
     args = p.parse_args(argv)

@@ -33,6 +33,10 @@ class DropRopeSpec:
 
     def __post_init__(self):
         check_choices(self, "drop_rope")
+        negative = [i for i in self.rope_layers if not isinstance(i, int) or isinstance(i, bool) or i < 0]
+        if negative:
+            raise SpecError(f"drop_rope.rope_layers={list(self.rope_layers)}: layer {negative[0]!r} is not a layer index; "
+                            "give indices from 0 (the first layer), e.g. [0, 4]")
         if self.nope_every is not None and (self.nope_every < 1 or self.rope_layers):
             raise SpecError("drop_rope.nope_every: must be >= 1 and not combined with drop_rope.rope_layers")
 
