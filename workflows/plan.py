@@ -108,6 +108,9 @@ def memory(spec: WorkflowSpec, a: Architecture, gpus: int, seq: int) -> Memory:
     largest_layer = max(a.vocab_size * a.hidden_size, a.hidden_size * a.intermediate_size)
     states, host_states = model_states(spec, n, largest_layer, gpus)
     per_node = min(gpus, spec.plan.gpus_per_node)
+    if r.zero_stage < 3 and not r.offload_optimizer:
+        # DeepSpeed's estimate assumes fp32 copies on the host; recalibrate loads the training dtype
+        host_states = per_node * n * (2 if r.use_gpu else 4)
     host = host_states + per_node * WORKER_PROCESS_GB * GB + r.output_shard_mb * 1e6  # + rank 0's output shard
     bytes_per_param = 14 if r.use_gpu else 16  # fp32 master + Adam m, v (12) + the module's bf16 / fp32 weights
     return Memory(model_states=states,

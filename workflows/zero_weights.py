@@ -72,16 +72,19 @@ def checkpoint_dtype(ckpt_dir: str | os.PathLike, fallback: torch.dtype) -> torc
 # Out: the final weights, gathered module by module, written in shards by rank 0.
 
 
-def full_weights(engine, zero_stage: int, rank: int):
+def full_weights(engine, zero_stage: int, rank: int, before_gather=lambda numel: None):
     """Yield (name, tensor) of the trained model on rank 0, nothing on the other ranks, never two
     modules' full parameters at once. Every rank must run it to the end (ZeRO-3 gathers collectively).
-    A tied parameter is yielded once, under its first name (as save_pretrained does)."""
+    A tied parameter is yielded once, under its first name (as save_pretrained does). `before_gather`
+    hears each module's element count before it is gathered (the writer flushes its shard first)."""
     import deepspeed
 
     seen: set = set()
     for prefix, module in engine.module.named_modules():
         prefix = f"{prefix}." if prefix else ""
         params = [p for p in module.parameters(recurse=False)]
+        if rank == 0:
+            before_gather(sum(getattr(p, "ds_numel", p.numel()) for p in params))
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 and params \
             else _nothing()
         with gather:
@@ -114,6 +117,12 @@ class ShardWriter:
         self.shard: dict[str, torch.Tensor] = {}
         self.bytes = 0
         self.files: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
+
+    def make_room(self, numel: int) -> None:
+        """Write the current shard now if `numel` more elements would overflow it: the shard never
+        waits in memory beside a module being gathered that it cannot hold."""
+        if self.shard and self.bytes + numel * self.dtype.itemsize > self.max_bytes:
+            self.flush()
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.to(dtype=self.dtype if tensor.is_floating_point() else tensor.dtype, device="cpu", copy=True)
@@ -156,7 +165,7 @@ def write_final_weights(engine, *, zero_stage: int, rank: int, source_dir: str |
     work = Path(tempfile.mkdtemp(prefix="recal-final-")) if rank == 0 else None
     try:
         writer = ShardWriter(work, dtype, max_shard_bytes) if rank == 0 else None
-        for name, tensor in full_weights(engine, zero_stage, rank):
+        for name, tensor in full_weights(engine, zero_stage, rank, writer.make_room if writer else None):
             writer.add(name, tensor)
         if rank == 0:
             writer.finish()

@@ -259,18 +259,17 @@ class Trainee:
     """ZeRO-3: transformers' HfDeepSpeedConfig, held for as long as the model lives (weak reference there)."""
 
 
-def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int) -> Trainee:
-    """Materialize the checkpoint on this node, load it, and wrap it in a DeepSpeed engine."""
+def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int, rank: int,
+          world: int) -> Trainee:
+    """Materialize the checkpoint on this node, load it, and wrap it in a DeepSpeed engine (the process
+    group of `world` ranks exists already: Ray Train's, or the caller's)."""
     import deepspeed
-    import ray.train
     from transformers import AutoTokenizer
 
     if not cfg.use_gpu:
         # DeepSpeed's CPU shared-memory all-reduce is a C++ op JIT-compiled at init (30 s to minutes, and
         # recompiled whenever two processes disagree on its flags); gloo's all-reduce does the same job.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cpus(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
@@ -436,7 +435,9 @@ def train_func(config: dict) -> None:
     import ray.train
 
     cfg, sink = config["cfg"], config["metrics_sink"]
-    t = build(cfg, config["data"], config["checkpoint"], config["seq_len"])
+    ctx = ray.train.get_context()
+    t = build(cfg, config["data"], config["checkpoint"], config["seq_len"], ctx.get_world_rank(),
+              ctx.get_world_size())
     restore(t, cfg, ray.train.get_checkpoint())
     tokens_per_step = cfg.global_batch * config["seq_len"]
     # where this launch went on from, for the driver: the newest checkpoint directory in storage can
