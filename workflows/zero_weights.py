@@ -10,8 +10,8 @@ Out (`write_final_weights`): at the last step the workers gather the 16-bit weig
 `max_shard_bytes` in the base checkpoint's dtype and publishes them to the stage output (local or S3),
 manifest last. No optimizer state leaves the workers for the final model.
 
-Checkpoints (`check_rank_shards`, `rank_files`): every rank writes and reads only its own DeepSpeed shard
-files; a checkpoint missing one rank's shard is refused, naming the rank.
+Checkpoints (`own_shards`, `missing_rank`, `keep_own_shards`, `download`): every rank writes and reads
+only its own DeepSpeed shard files; a checkpoint missing one rank's shard is refused, naming the rank.
 
 `consolidate` is the older route (zero_to_fp32 over a whole DeepSpeed checkpoint, optimizer states
 included): kept to turn any kept checkpoint into a model, and as the reference the new route must match.
@@ -19,6 +19,7 @@ included): kept to turn any kept checkpoint into a model, and as the reference t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -86,7 +87,7 @@ def full_weights(engine, zero_stage: int, rank: int, before_gather=lambda numel:
         if rank == 0:
             before_gather(sum(getattr(p, "ds_numel", p.numel()) for p in params))
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 and params \
-            else _nothing()
+            else contextlib.nullcontext()
         with gather:
             if rank != 0:
                 continue
@@ -98,14 +99,6 @@ def full_weights(engine, zero_stage: int, rank: int, before_gather=lambda numel:
             for name, buf in module.named_buffers(recurse=False):
                 if buf is not None and name not in module._non_persistent_buffers_set:
                     yield prefix + name, buf.detach()
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class ShardWriter:
@@ -216,6 +209,44 @@ def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
         if name not in names:
             return f"{name} (rank 0's module weights) is missing"
     return None
+
+
+# Reading a Ray Train checkpoint (local or S3) file by file, never as a whole directory.
+
+
+def checkpoint_files(checkpoint) -> list[str]:
+    """Relative paths of every file in a Ray Train checkpoint (local or S3), without downloading any."""
+    import pyarrow.fs
+
+    root = checkpoint.path.rstrip("/")
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
+
+
+def download(checkpoint, names: list[str], local_dir: str) -> None:
+    """Copy the named files of a Ray Train checkpoint into local_dir (and nothing else)."""
+    for name in names:
+        (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as src, \
+                open(Path(local_dir) / name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def keep_own_shards(d: Path, tag: str, rank: int) -> None:
+    """Delete what DeepSpeed wrote on this node besides this rank's shards (node-local storage makes
+    each node's first rank write the shared files too: `latest`, ZeRO-1/2 module weights)."""
+    for p in d.iterdir():
+        if p.is_file():
+            p.unlink()
+    for p in (d / tag).iterdir():
+        if p.name not in own_shards(rank, [p.name]):
+            p.unlink()
+
+
+def read_json(checkpoint, name: str) -> dict:
+    """One JSON file of a Ray Train checkpoint, read in place."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
+        return json.loads(f.read())
 
 
 # ---------------------------------------------------------------------------------------------------

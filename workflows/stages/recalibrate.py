@@ -291,7 +291,7 @@ def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
     data position and RNG states, and the metric history. This rank downloads only its own files."""
     if checkpoint is None:
         return
-    names = _checkpoint_files(checkpoint)
+    names = zero_weights.checkpoint_files(checkpoint)
     tag_files = [n[len(DS_TAG) + 1:] for n in names if n.startswith(f"{DS_TAG}/")]
     if why := zero_weights.missing_rank(tag_files, t.world, cfg.zero_stage):
         raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume ZeRO-{cfg.zero_stage} with {t.world} "
@@ -303,7 +303,7 @@ def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
             *(f"{DS_TAG}/{n}" for n in zero_weights.own_shards(t.rank, tag_files)),
             *(f"{DS_TAG}/{n}" for n in zero_weights.SHARED_FILES[cfg.zero_stage])]
     with tempfile.TemporaryDirectory(prefix=f"recal-restore-r{t.rank}-") as d:
-        _download(checkpoint, mine, d)
+        zero_weights.download(checkpoint, mine, d)
         t.engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
         t.sampler.load_state_dict(json.loads((Path(d) / f"data_rank{t.rank}.json").read_text()))
         state = json.loads((Path(d) / STATE_FILE).read_text())
@@ -311,24 +311,6 @@ def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
         rng = torch.load(Path(d) / f"rng_rank{t.rank}.pt", weights_only=True)
         torch.set_rng_state(rng["torch"])
         random.setstate((rng["python_version"], tuple(rng["python_state"]), None))
-
-
-def _checkpoint_files(checkpoint) -> list[str]:
-    """Relative paths of every file in a Ray Train checkpoint (local or S3), without downloading any."""
-    import pyarrow.fs
-
-    root = checkpoint.path.rstrip("/")
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
-    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
-
-
-def _download(checkpoint, names: list[str], local_dir: str) -> None:
-    """Copy the named files of a Ray Train checkpoint into local_dir (and nothing else)."""
-    for name in names:
-        (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as src, \
-                open(Path(local_dir) / name, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
 
 
 def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: int) -> tuple[dict, torch.Tensor]:
@@ -400,7 +382,7 @@ def save(t: Trainee, done: int, metrics: dict, report: dict, probe: dict | None)
             torch.save(probe, Path(d) / PROBE_FILE)
         t.engine.save_checkpoint(d, tag=DS_TAG)
         if t.rank != 0:  # only its own shards: rank 0 alone writes what every rank shares
-            _keep_own_shards(Path(d), t.rank)
+            zero_weights.keep_own_shards(Path(d), DS_TAG, t.rank)
         version, state, _ = random.getstate()
         torch.save({"torch": torch.get_rng_state(), "python_version": version, "python_state": list(state)},
                    Path(d) / f"rng_rank{t.rank}.pt")
@@ -409,17 +391,6 @@ def save(t: Trainee, done: int, metrics: dict, report: dict, probe: dict | None)
             (Path(d) / STATE_FILE).write_text(json.dumps({"step": done, "history": t.history}))
         ray.train.report({**metrics, **report}, checkpoint=ray.train.Checkpoint.from_directory(d),
                          checkpoint_dir_name=f"checkpoint_step_{done:06d}")
-
-
-def _keep_own_shards(d: Path, rank: int) -> None:
-    """Delete what DeepSpeed wrote on this node besides this rank's shards (node-local storage makes
-    each node's first rank write the shared files too: `latest`, ZeRO-1/2 module weights)."""
-    for p in d.iterdir():
-        if p.is_file():
-            p.unlink()
-    for p in (d / DS_TAG).iterdir():
-        if p.name not in zero_weights.own_shards(rank, [p.name]):
-            p.unlink()
 
 
 def finish(t: Trainee, cfg: RecalibrateConfig, output: str) -> None:
@@ -472,20 +443,15 @@ def probe_parity(checkpoint, output: str) -> float | None:
 
     import drope_ops  # noqa: F401
 
-    if PROBE_FILE not in _checkpoint_files(checkpoint):
+    if PROBE_FILE not in zero_weights.checkpoint_files(checkpoint):
         return None
     with tempfile.TemporaryDirectory(prefix="recal-probe-") as d:
-        _download(checkpoint, [PROBE_FILE], d)
+        zero_weights.download(checkpoint, [PROBE_FILE], d)
         probe = torch.load(Path(d) / PROBE_FILE, weights_only=True)
     reloaded = AutoModelForCausalLM.from_pretrained(stage_io.materialize(output), dtype=torch.float32).eval()
     with torch.no_grad():
         ours = reloaded(input_ids=probe["input_ids"]).logits
     return float((ours - probe["logits"]).abs().max())
-
-
-def _read_json(checkpoint, name: str) -> dict:
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
-        return json.loads(f.read())
 
 
 def _storage(storage_path: str):
@@ -651,7 +617,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     if result.checkpoint is None:
         raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
     metrics = result.metrics or {}
-    state = _read_json(result.checkpoint, STATE_FILE)  # the driver reads two small files, no shard
+    state = zero_weights.read_json(result.checkpoint, STATE_FILE)  # the driver reads two small files, no shard
     # a launch that found the run finished ran no step and reported no checkpoint of its own
     start_step = int(metrics["resumed_from"]) if metrics.get("launch") == launch else state["step"]
     out = {"steps": state["step"], "final_loss": state["history"][-1]["loss"], "history": state["history"],
