@@ -34,7 +34,7 @@ import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-PHASES = ["idle", "load", "step", "write", "done"]
+PHASES = ["idle", "load", "engine", "step", "write", "done"]
 GB = 1e9
 
 
@@ -94,8 +94,18 @@ def build_today(cfg, data, ckpt, seq_len, rank, world):
 
 
 def worker(route, rank, port, ckpt, out, args, phase, result_file):
-    """One rank: load (phase 1), step (2), write (3); the parent samples this pid's memory per phase."""
+    """One rank: load the model (phase load), build the DeepSpeed engine and its optimizer partitions
+    (engine), step, write; the parent samples this pid's memory per phase."""
+    import deepspeed
     import torch
+
+    initialize = deepspeed.initialize
+
+    def initialize_in_its_phase(*a, **kw):  # build() calls it once the model is loaded
+        phase.value = PHASES.index("engine")
+        return initialize(*a, **kw)
+
+    deepspeed.initialize = initialize_in_its_phase
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE="2",
                       LOCAL_RANK=str(rank))
@@ -105,23 +115,23 @@ def worker(route, rank, port, ckpt, out, args, phase, result_file):
 
     cfg, data = _config(args), DataConfig(source="shakespeare", seq_len=args.seq, max_tokens=200_000)
     torch.distributed.barrier()
-    phase.value = 1
+    phase.value = PHASES.index("load")
     t = (build if route == "new" else build_today)(cfg, data, str(ckpt), args.seq, rank, 2)
     torch.distributed.barrier()
-    phase.value = 2
+    phase.value = PHASES.index("step")
     times = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
         train_step(t, cfg, step, cfg.global_batch * args.seq)
         times.append(time.perf_counter() - t0)
     torch.distributed.barrier()
-    phase.value = 3
+    phase.value = PHASES.index("write")
     if route == "new":
         finish(t, cfg, str(out))
     else:  # every rank writes its DeepSpeed checkpoint (optimizer states included)
         t.engine.save_checkpoint(str(out), tag=DS_TAG)
     torch.distributed.barrier()
-    phase.value = 4
+    phase.value = PHASES.index("done")
     Path(result_file).write_text(json.dumps({"step_s": times}))
     torch.distributed.destroy_process_group()
 
@@ -130,9 +140,9 @@ def consolidate_today(ds_dir, ckpt, out, phase):
     """The driver's end of today's route: zero_to_fp32 over the whole downloaded checkpoint."""
     from workflows.zero_weights import consolidate
 
-    phase.value = 3
+    phase.value = PHASES.index("write")
     consolidate(str(ds_dir), str(ckpt), str(out))
-    phase.value = 4
+    phase.value = PHASES.index("done")
 
 
 def _memory(pid: int) -> tuple[int, int]:
@@ -217,10 +227,10 @@ def report(today, new, full_fp32, args) -> None:
     for r in range(2):
         t, n = today["workers"][r]["load"], new["workers"][r]["load"]
         print(f"  rank {r} RSS before loading (anon)  {g(t[2])} ({g(t[3])})  {g(n[2])} ({g(n[3])})")
-    for phase in ("load", "step"):
+    for phase in ("load", "engine", "step"):
         for r in range(2):
             t, n = today["workers"][r][phase], new["workers"][r][phase]
-            print(f"  rank {r} peak RSS while {phase:<5} (anon) {g(t[0])} ({g(t[1])})  {g(n[0])} ({g(n[1])})")
+            print(f"  rank {r} peak RSS while {phase:<6} (anon){g(t[0])} ({g(t[1])})  {g(n[0])} ({g(n[1])})")
     print(f"  final write peak RSS (anon)       {g(today['writer'][0])} ({g(today['writer'][1])})  "
           f"{g(new['writer'][0])} ({g(new['writer'][1])})  [today: driver process; new: rank 0's growth]")
     print(f"  largest output shard              {g(today['largest_shard'])}            {g(new['largest_shard'])}")
