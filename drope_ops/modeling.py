@@ -27,8 +27,11 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.configuration_llama import LlamaConfig
 from transformers.models.llama.modeling_llama import (
     LlamaAttention,
+    LlamaDecoderLayer,
     LlamaForCausalLM,
+    LlamaMLP,
     LlamaModel,
+    LlamaPreTrainedModel,
     LlamaRMSNorm,
     LlamaRotaryEmbedding,
     apply_rotary_pos_emb,
@@ -176,25 +179,44 @@ class NoRotaryEmbedding(nn.Module):
         return None
 
 
+class DropeDecoderLayer(LlamaDecoderLayer):
+    """A Llama decoder layer built with DropeAttention in place (its parameter names are Llama's).
+
+    Each DroPE module is built once, never built as Llama's and then replaced: under DeepSpeed's
+    zero.Init (ZeRO-3) every module built is memory, partitioned and tracked, until the model is gone."""
+
+    def __init__(self, config: DropeConfig, layer_idx: int):
+        nn.Module.__init__(self)
+        self.hidden_size = config.hidden_size
+        self.self_attn = DropeAttention(config, layer_idx)
+        self.mlp = LlamaMLP(config)
+        self.input_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
 class DropeModel(LlamaModel):
     config_class = DropeConfig
 
     def __init__(self, config: DropeConfig):
-        super().__init__(config)
-        for i, layer in enumerate(self.layers):
-            layer.self_attn = DropeAttention(config, i)
-        if not config.rope_layers:
-            self.rotary_emb = NoRotaryEmbedding()
-        else:
-            self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaModel's body, with DroPE layers (built once)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList([DropeDecoderLayer(config, i) for i in range(config.num_hidden_layers)])
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(config=config) if config.rope_layers else NoRotaryEmbedding()
+        self.gradient_checkpointing = False
+        self.post_init()
 
 
 class DropeForCausalLM(LlamaForCausalLM):
     config_class = DropeConfig
 
     def __init__(self, config: DropeConfig):
-        super().__init__(config)
+        LlamaPreTrainedModel.__init__(self, config)  # LlamaForCausalLM's body around a DropeModel
         self.model = DropeModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
 

@@ -76,6 +76,53 @@ class RaySpec:
 
 
 @dataclass
+class Architecture:
+    """The base model's shape, in its config.json names (for `drope plan`'s FLOPs and memory)."""
+
+    hidden_size: int = 0
+    intermediate_size: int = 0
+    num_hidden_layers: int = 0
+    num_attention_heads: int = 0
+    num_key_value_heads: int = 0
+    vocab_size: int = 0
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self):
+        for name in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
+                raise SpecError(f"plan.architecture.{name}={getattr(self, name)!r}: give the config.json value")
+        self.num_key_value_heads = self.num_key_value_heads or self.num_attention_heads
+
+    @property
+    def known(self) -> bool:
+        return all((self.hidden_size, self.intermediate_size, self.num_hidden_layers, self.vocab_size))
+
+
+@dataclass
+class PlanSpec:
+    """What `drope plan` assumes about the hardware, and the model's shape when it cannot read it."""
+
+    gpu_memory_gb: float = 80.0
+    """Memory of one GPU; `drope run` / `submit` refuse a GPU spec whose plan does not fit (unless --force)."""
+    gpus: int | None = None
+    """GPUs recalibration runs on (None: recalibrate.num_workers, or gpus_per_node when it is auto)."""
+    gpus_per_node: int = 8
+    """GPUs of one node (host RAM is given per node)."""
+    peak_tflops: float = 989.0
+    """Dense bf16 peak of one GPU, TFLOP/s (H100 SXM: 989)."""
+    mfu: float = 0.35
+    """Share of the peak a step achieves, counting recomputed FLOPs (GPU-hours = FLOPs / (peak * mfu))."""
+    architecture: Architecture = field(default_factory=Architecture)
+    """The base model's shape; unset (zeros): read from model.source's config.json when it is on disk."""
+
+    def __post_init__(self):
+        if not self.gpu_memory_gb > 0 or not 0 < self.mfu <= 1 or not self.peak_tflops > 0:
+            raise SpecError("plan: gpu_memory_gb and peak_tflops must be > 0 and mfu in (0, 1]")
+        if self.gpus is not None and self.gpus < 1 or self.gpus_per_node < 1:
+            raise SpecError("plan.gpus and plan.gpus_per_node must be >= 1")
+
+
+@dataclass
 class WorkflowSpec:
     name: str = ""
     """Run family name: the MLflow experiment and the prefix of run ids (e.g. smollm2-135m-cpu)."""
@@ -99,6 +146,8 @@ class WorkflowSpec:
     """MLflow."""
     ray: RaySpec = field(default_factory=RaySpec)
     """Ray cluster."""
+    plan: PlanSpec = field(default_factory=PlanSpec)
+    """`drope plan`'s hardware assumptions (GPU memory, MFU) and the model's shape."""
 
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):

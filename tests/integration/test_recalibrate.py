@@ -17,9 +17,10 @@ from ray import cloudpickle
 from safetensors.torch import load_file
 
 from drope_ops.data import DataConfig
-from drope_ops.errors import SpecError
+from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.manifest import verify_manifest
-from workflows.stages.recalibrate import RecalibrateConfig, TrainingDivergedError, consolidate, recalibrate
+from workflows.stages.recalibrate import RecalibrateConfig, TrainingDivergedError, recalibrate
+from workflows.zero_weights import consolidate
 
 STEPS = 24
 BASE = dict(steps=STEPS, global_batch=8, micro_batch=2, num_workers=2, zero_stage=2, lr=3e-3,
@@ -75,7 +76,7 @@ def test_bad_specs_are_refused_before_any_worker(debug_checkpoint, tmp_path):
     assert not (tmp_path / "s").exists()
 
 
-def test_zero2_loss_decreases_and_consolidated_checkpoint_matches(reference):
+def test_zero2_loss_decreases_and_consolidated_checkpoint_matches(reference, debug_checkpoint, tmp_path):
     losses = [h["loss"] for h in reference["history"]]
     assert reference["steps"] == STEPS and len(losses) == STEPS
     assert losses[-1] < losses[0] - 1.0, f"loss did not decrease: {losses[0]:.3f} -> {losses[-1]:.3f}"
@@ -88,6 +89,36 @@ def test_zero2_loss_decreases_and_consolidated_checkpoint_matches(reference):
 
     model = AutoModelForCausalLM.from_pretrained(reference["output"])
     assert model.config.max_position_embeddings == 128
+    # rank 0 wrote the final weights; today's route (zero_to_fp32 over the whole final DeepSpeed
+    # checkpoint, optimizer states included) gives the same tensors, bit for bit
+    consolidate(reference["checkpoint"], str(debug_checkpoint), str(tmp_path / "zero_to_fp32"))
+    assert max_abs_diff(reference["output"], tmp_path / "zero_to_fp32") == 0.0
+
+
+def test_zero3_drope_resumes_writes_its_weights_and_refuses_a_missing_rank_shard(
+        ray_local, texts, debug_checkpoint, tmp_path):
+    """ZeRO-3 on the drope model type (built under zero.Init): stop at 2, resume to 4; the workers'
+    sharded output equals zero_to_fp32 of the final checkpoint; without rank 1's shard, no resume."""
+    from drope_ops.surgery import drop_rope
+
+    drope = drop_rope(debug_checkpoint, tmp_path / "drope", qk_norm="qk", progress=False)
+    base = {**BASE, "zero_stage": 3, "steps": 4, "checkpoint_every": 2, "output_shard_mb": 0.1}
+    storage, out = str(tmp_path / "storage"), str(tmp_path / "out")
+    first = recalibrate(RecalibrateConfig(**{**base, "stop_after_step": 2}), data_cfg(), str(drope), out,
+                        run_name="z3", storage_path=storage)
+    assert first["output"] is None and not (tmp_path / "out").exists()
+    res = recalibrate(RecalibrateConfig(**base), data_cfg(), str(drope), out, run_name="z3", storage_path=storage)
+    assert res["start_step"] == 2 and res["probe_max_abs_diff"] == 0.0 and verify_manifest(out) == []
+    index = json.loads((tmp_path / "out" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1, "output_shard_mb=0.1 should give several shards"
+    consolidate(res["checkpoint"], str(drope), str(tmp_path / "zero_to_fp32"))
+    assert max_abs_diff(out, tmp_path / "zero_to_fp32") == 0.0
+
+    shard = next((tmp_path / "storage" / "z3" / "checkpoint_step_000004" / "ds").glob("zero_pp_rank_1_*optim*"))
+    shard.unlink()
+    with pytest.raises(CheckpointError, match=r"optim_states shard of rank 1 is missing") as e:
+        recalibrate(RecalibrateConfig(**base), data_cfg(), str(drope), out, run_name="z3", storage_path=storage)
+    assert "\n" not in str(e.value)
 
 
 def test_copy_and_needle_blocks_train_on_their_scored_tokens(ray_local, texts, debug_checkpoint, tmp_path):

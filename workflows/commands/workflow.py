@@ -41,6 +41,11 @@ def _spec_args(p: Parser) -> None:
                    help="override a spec field, e.g. --set recalibrate.steps=10 (repeatable)")
 
 
+def _force_arg(p: Parser) -> None:
+    p.add_argument("--force", action="store_true",
+                   help="start even though `drope plan` says recalibration does not fit the GPU memory")
+
+
 def _take_over_arg(p: Parser) -> None:
     p.add_argument("--take-over", action="store_true",
                    help="drive the run even though another driver holds its lease (that driver is told it lost it)")
@@ -76,9 +81,17 @@ def main_presets(argv: list[str]) -> int:
 def main_plan(argv: list[str]) -> int:
     p = Parser(prog="drope plan", description="print stages, resources and cost before running")
     p.add_argument("spec")
+    p.add_argument("--gpu-memory", type=float, default=None, metavar="GB",
+                   help="memory of one GPU in GB (default: the spec's plan.gpu_memory_gb, 80)")
+    p.add_argument("--gpus", type=int, default=None, help="GPUs recalibration runs on (default: plan.gpus)")
     _spec_args(p)
     args = p.parse_args(argv)
-    spec = load_spec(args.spec, args.overrides)
+    overrides = list(args.overrides)
+    if args.gpu_memory is not None:
+        overrides.append(f"plan.gpu_memory_gb={args.gpu_memory}")
+    if args.gpus is not None:
+        overrides.append(f"plan.gpus={args.gpus}")
+    spec = load_spec(args.spec, overrides)
     from workflows.plan import describe
 
     print(describe(spec))
@@ -91,9 +104,13 @@ def main_run(argv: list[str]) -> int:
     p.add_argument("--run-id", default="", help="name the run (default: <name>-<time>-<random>)")
     _take_over_arg(p)
     _spec_args(p)
+    _force_arg(p)
     args = p.parse_args(argv)
     spec = load_spec(args.spec, args.overrides)
+    from workflows.plan import refuse_unless_fits
     from workflows.tracking import check_reachable, resolve_tracking_uri
+
+    refuse_unless_fits(spec, args.force)  # before a run record exists
 
     check_reachable(resolve_tracking_uri(spec.tracking.uri, drope_home()))  # before a run record exists
     run_id, run_uri = _new_run(spec, args.run_id)
@@ -133,9 +150,13 @@ def main_submit(argv: list[str]) -> int:
     p.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
     p.add_argument("--run-id", default="")
     _spec_args(p)
+    _force_arg(p)
     args = p.parse_args(argv)
     spec = load_spec(args.spec, args.overrides)
+    from workflows.plan import refuse_unless_fits
     from workflows.submit import check_address, submit_run
+
+    refuse_unless_fits(spec, args.force)
 
     check_address(args.address)
     run_id, run_uri = _new_run(spec, args.run_id)

@@ -8,15 +8,19 @@
 DeepSpeed ZeRO 1/2/3 inside Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU), resumable to
 the exact step: every `checkpoint_every` steps each rank saves its DeepSpeed shard, the data position
 and its RNG states and reports them with ray.train.report; a relaunch with the same `run_name` and
-`storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. The
-end is a consolidated safetensors checkpoint (zero_to_fp32) with tokenizer and sha256 manifest.
+`storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. Each
+rank writes and reads only its own shard files. The end is a safetensors checkpoint the workers write
+themselves (16-bit weights gathered module by module, in the base checkpoint's dtype) with tokenizer
+and sha256 manifest, straight to the output URI: no optimizer state reaches the driver
+(workflows/zero_weights.py). Under ZeRO-3 no worker ever holds the whole model: it is built inside
+DeepSpeed's zero.Init.
 
 Workers are handed the input checkpoint's URI, never a path of the node that launched them: each
 materializes it on its own node (stage_io.materialize, cached per node, verified by manifest).
 
 Read top to bottom: config + presets, schedule, DeepSpeed config, the worker's named steps (build,
-restore, train_step, check_guard_rails, save, probe) and their loop `train_func`, consolidation,
-`recalibrate` (validates everything before any worker starts), and the stage's `run`.
+restore, train_step, check_guard_rails, save, probe) and their loop `train_func`, the driver's parity
+check, `recalibrate` (validates everything before any worker starts), and the stage's `run`.
 """
 
 from __future__ import annotations
@@ -42,9 +46,8 @@ from drope_ops import storage
 from drope_ops.data import DataConfig, check_source, check_token_budget, make_sampler, resolve_seq_len
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
-from drope_ops.manifest import write_manifest
 from drope_ops.needle_data import inputs_and_labels
-from workflows import stage_io
+from workflows import stage_io, zero_weights
 from workflows.config import load_tree, preset_names
 from workflows.stage import Stage
 
@@ -128,6 +131,8 @@ class RecalibrateConfig:
     (a marker file in the node's temp dir stops the restarted worker from doing it again)."""
     metrics_every: int = 1
     """Call the metrics sink every N steps (rank 0)."""
+    output_shard_mb: float = 2000.0
+    """Largest safetensors shard of the final checkpoint, in MB (the writing worker holds about one)."""
 
     def __post_init__(self):
         self.betas = tuple(self.betas)
@@ -153,6 +158,8 @@ class RecalibrateConfig:
             raise SpecError(f"recalibrate.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise SpecError("recalibrate.min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
+        if not self.output_shard_mb > 0:
+            raise SpecError(f"recalibrate.output_shard_mb={self.output_shard_mb} must be > 0 (e.g. 2000)")
         if self.cpus_per_worker <= 0 or self.grad_clip < 0 or self.max_failures < -1:
             raise SpecError("recalibrate: cpus_per_worker must be > 0, grad_clip >= 0, max_failures >= -1")
         if self.loss_spike_factor is not None and self.loss_spike_factor <= 1:
@@ -245,49 +252,60 @@ class Trainee:
     """The first step this launch runs (0, or the step of the restored checkpoint)."""
     history: list = field(default_factory=list)
     """Every finished step's metrics, restored ones included."""
+    ckpt_dir: str = ""
+    """The input checkpoint on this node (config and tokenizer of the final output)."""
+    tokenizer: object = None
+    zero3_config: object = None
+    """ZeRO-3: transformers' HfDeepSpeedConfig, held for as long as the model lives (weak reference there)."""
 
 
-def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int) -> Trainee:
-    """Materialize the checkpoint on this node, load it, and wrap it in a DeepSpeed engine."""
+def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int, rank: int,
+          world: int) -> Trainee:
+    """Materialize the checkpoint on this node, load it, and wrap it in a DeepSpeed engine (the process
+    group of `world` ranks exists already: Ray Train's, or the caller's)."""
     import deepspeed
-    import ray.train
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import drope_ops  # noqa: F401  (registers the drope model type in this worker process)
+    from transformers import AutoTokenizer
 
     if not cfg.use_gpu:
         # DeepSpeed's CPU shared-memory all-reduce is a C++ op JIT-compiled at init (30 s to minutes, and
         # recompiled whenever two processes disagree on its flags); gloo's all-reduce does the same job.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
     use_cpus(cfg.cpus_per_worker)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     ckpt_dir = stage_io.local_dir(checkpoint_uri)
     tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
-    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=torch.float32)
-    model.config.use_cache = False
+    ds_config = deepspeed_config(cfg, world)
+    # ZeRO-3: built inside zero.Init, partitioned module by module; ZeRO-1/2: in the training dtype
+    model, zero3_config = zero_weights.load_model(ckpt_dir, ds_config, zero_weights.train_dtype(cfg.use_gpu))
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     sampler = make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
-                                                   config=deepspeed_config(cfg, world))
-    return Trainee(engine, optimizer, sampler, rank, world)
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg), config=ds_config)
+    return Trainee(engine, optimizer, sampler, rank, world, ckpt_dir=str(ckpt_dir), tokenizer=tokenizer,
+                   zero3_config=zero3_config)
 
 
-def restore(t: Trainee, checkpoint) -> None:
+def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
     """Load a reported checkpoint: DeepSpeed state (weights, optimizer, step counters), this rank's
-    data position and RNG states, and the metric history."""
+    data position and RNG states, and the metric history. This rank downloads only its own files."""
     if checkpoint is None:
         return
-    with checkpoint.as_directory() as d:
+    names = zero_weights.checkpoint_files(checkpoint)
+    tag_files = [n[len(DS_TAG) + 1:] for n in names if n.startswith(f"{DS_TAG}/")]
+    if why := zero_weights.missing_rank(tag_files, t.world, cfg.zero_stage):
+        raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume ZeRO-{cfg.zero_stage} with {t.world} "
+                              f"ranks: {why}; relaunch with the num_workers it was written with, or a new run_name")
+    if f"data_rank{t.rank}.json" not in names:
+        raise SpecError(f"checkpoint {checkpoint.path} has no data position for rank {t.rank}; relaunch with "
+                        f"the num_workers it was written with, or start a new run_name")
+    mine = [STATE_FILE, f"data_rank{t.rank}.json", f"rng_rank{t.rank}.pt",
+            *(f"{DS_TAG}/{n}" for n in zero_weights.own_shards(t.rank, tag_files)),
+            *(f"{DS_TAG}/{n}" for n in zero_weights.SHARED_FILES[cfg.zero_stage])]
+    with tempfile.TemporaryDirectory(prefix=f"recal-restore-r{t.rank}-") as d:
+        zero_weights.download(checkpoint, mine, d)
         t.engine.load_checkpoint(d, tag=DS_TAG, load_lr_scheduler_states=False)
-        data_file = Path(d) / f"data_rank{t.rank}.json"
-        if not data_file.exists():
-            raise SpecError(f"checkpoint {checkpoint.path} has no data position for rank {t.rank}; relaunch with "
-                            f"the num_workers it was written with, or start a new run_name")
-        t.sampler.load_state_dict(json.loads(data_file.read_text()))
+        t.sampler.load_state_dict(json.loads((Path(d) / f"data_rank{t.rank}.json").read_text()))
         state = json.loads((Path(d) / STATE_FILE).read_text())
         t.start, t.history = state["step"], state["history"]
         rng = torch.load(Path(d) / f"rng_rank{t.rank}.pt", weights_only=True)
@@ -363,6 +381,8 @@ def save(t: Trainee, done: int, metrics: dict, report: dict, probe: dict | None)
         if probe is not None and t.rank == 0:
             torch.save(probe, Path(d) / PROBE_FILE)
         t.engine.save_checkpoint(d, tag=DS_TAG)
+        if t.rank != 0:  # only its own shards: rank 0 alone writes what every rank shares
+            zero_weights.keep_own_shards(Path(d), DS_TAG, t.rank)
         version, state, _ = random.getstate()
         torch.save({"torch": torch.get_rng_state(), "python_version": version, "python_state": list(state)},
                    Path(d) / f"rng_rank{t.rank}.pt")
@@ -373,13 +393,23 @@ def save(t: Trainee, done: int, metrics: dict, report: dict, probe: dict | None)
                          checkpoint_dir_name=f"checkpoint_step_{done:06d}")
 
 
+def finish(t: Trainee, cfg: RecalibrateConfig, output: str) -> None:
+    """The last step is done: every rank takes part in gathering the 16-bit weights, rank 0 writes them
+    to `output` (safetensors shards, base checkpoint dtype, manifest last)."""
+    zero_weights.write_final_weights(t.engine, zero_stage=cfg.zero_stage, rank=t.rank, source_dir=t.ckpt_dir,
+                                     tokenizer=t.tokenizer, output_uri=output,
+                                     max_shard_bytes=int(cfg.output_shard_mb * 1e6))
+
+
 def train_func(config: dict) -> None:
     """The loop of one worker: build, restore, then step, guard, log, checkpoint until the end."""
     import ray.train
 
     cfg, sink = config["cfg"], config["metrics_sink"]
-    t = build(cfg, config["data"], config["checkpoint"], config["seq_len"])
-    restore(t, ray.train.get_checkpoint())
+    ctx = ray.train.get_context()
+    t = build(cfg, config["data"], config["checkpoint"], config["seq_len"], ctx.get_world_rank(),
+              ctx.get_world_size())
+    restore(t, cfg, ray.train.get_checkpoint())
     tokens_per_step = cfg.global_batch * config["seq_len"]
     # where this launch went on from, for the driver: the newest checkpoint directory in storage can
     # be one a killed launch was still writing
@@ -398,46 +428,27 @@ def train_func(config: dict) -> None:
             save(t, done, metrics, report, probe_logits(t, input_ids) if done == cfg.steps else None)
         if done == cfg.stop_after_step:
             return
+    finish(t, cfg, config["output"])  # also after a restart that restored the last step's checkpoint
 
 
 # ---------------------------------------------------------------------------------------------------
-# The driver side: consolidate the final checkpoint, validate, launch.
+# The driver side: validate, launch, check the workers' output against the training logits.
 
 
-def consolidate(checkpoint_path: str, source_checkpoint: str, output_dir: str) -> float | None:
-    """ZeRO checkpoint -> safetensors checkpoint + tokenizer + manifest at output_dir, atomically.
+def probe_parity(checkpoint, output: str) -> float | None:
+    """Max |logit difference| between the checkpoint the workers wrote at `output` and the in-training
+    model on the probe batch of the final Ray Train checkpoint (None if it carries no probe). Reads only
+    the probe file of that checkpoint, never its optimizer states."""
+    from transformers import AutoModelForCausalLM
 
-    Returns the max |logit difference| between the written model and the in-training model on the
-    probe batch (None if the checkpoint carries no probe).
-    """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    import drope_ops  # noqa: F401
 
-    state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_path, tag=DS_TAG)
-    config = AutoConfig.from_pretrained(source_checkpoint)
-    config.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
-    if set(missing) - tied or unexpected:
-        raise CheckpointError(f"the ZeRO checkpoint at {checkpoint_path} does not match {source_checkpoint}: "
-                              f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
-    model.tie_weights()
-    out = Path(output_dir)
-    tmp = out.with_name(out.name + ".tmp-recalibrate")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(source_checkpoint).save_pretrained(tmp)
-    write_manifest(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
-
-    probe_file = Path(checkpoint_path) / PROBE_FILE
-    if not probe_file.exists():
+    if PROBE_FILE not in zero_weights.checkpoint_files(checkpoint):
         return None
-    probe = torch.load(probe_file, weights_only=True)
-    reloaded = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory(prefix="recal-probe-") as d:
+        zero_weights.download(checkpoint, [PROBE_FILE], d)
+        probe = torch.load(Path(d) / PROBE_FILE, weights_only=True)
+    reloaded = AutoModelForCausalLM.from_pretrained(stage_io.materialize(output), dtype=torch.float32).eval()
     with torch.no_grad():
         ours = reloaded(input_ids=probe["input_ids"]).logits
     return float((ours - probe["logits"]).abs().max())
@@ -563,7 +574,8 @@ def _trainer(cfg: RecalibrateConfig, *, train_loop_config: dict, run_name: str, 
 def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                 run_name: str, storage_path: str, metrics_sink=None) -> dict:
     """Train `checkpoint` (a local directory or an s3:// URI) on `data` with DeepSpeed ZeRO on Ray Train;
-    write the consolidated checkpoint to the local directory `output_dir`.
+    the workers write the trained checkpoint to `output_dir` (a directory every worker can reach, or an
+    s3:// URI), manifest last.
 
     Returns {"output", "steps", "final_loss", "history", "checkpoint", "probe_max_abs_diff", "start_step"}.
     Raises SpecError / CheckpointError before any worker starts, TrainingDivergedError on a NaN or a
@@ -582,8 +594,9 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
               f"the newest one Ray Train registered as complete", flush=True)
     if not stage_io.is_remote(checkpoint):
         checkpoint = str(Path(checkpoint).resolve())
+    output_dir = _fresh_output(output_dir)
     trainer = _trainer(cfg, train_loop_config={
-        "cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint,
+        "cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint, "output": output_dir,
         "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name, "launch": launch},
         run_name=run_name, path=path, filesystem=filesystem)
     try:
@@ -604,16 +617,29 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     if result.checkpoint is None:
         raise CheckpointError(f"run {run_name} ended without a checkpoint in {storage_path}")
     metrics = result.metrics or {}
-    with result.checkpoint.as_directory() as d:
-        state = json.loads((Path(d) / STATE_FILE).read_text())
-        # a launch that found the run finished ran no step and reported no checkpoint of its own
-        start_step = int(metrics["resumed_from"]) if metrics.get("launch") == launch else state["step"]
-        out = {"steps": state["step"], "final_loss": state["history"][-1]["loss"], "history": state["history"],
-               "checkpoint": result.checkpoint.path, "start_step": start_step}
-        if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no consolidated output
-            return {"output": None, **out}
-        diff = consolidate(d, str(stage_io.materialize_metadata(checkpoint)), output_dir)
-    return {"output": str(output_dir), **out, "probe_max_abs_diff": diff}
+    state = zero_weights.read_json(result.checkpoint, STATE_FILE)  # the driver reads two small files, no shard
+    # a launch that found the run finished ran no step and reported no checkpoint of its own
+    start_step = int(metrics["resumed_from"]) if metrics.get("launch") == launch else state["step"]
+    out = {"steps": state["step"], "final_loss": state["history"][-1]["loss"], "history": state["history"],
+           "checkpoint": result.checkpoint.path, "start_step": start_step}
+    if state["step"] < cfg.steps:  # stopped on purpose (stop_after_step): no output yet
+        return {"output": None, **out}
+    if not storage.checkpoint_complete(output_dir):
+        raise CheckpointError(f"run {run_name} finished but its workers' output {output_dir} is incomplete; "
+                              f"relaunch with the same run_name to write it again")
+    return {"output": output_dir, **out, "probe_max_abs_diff": probe_parity(result.checkpoint, output_dir)}
+
+
+def _fresh_output(output_dir: str) -> str:
+    """The output as workers on any node see it: an absolute local path (emptied: the workers write it
+    whole, an earlier attempt's files are never read) or the s3:// URI as given."""
+    if stage_io.is_remote(output_dir):
+        return output_dir
+    out = Path(output_dir).resolve()
+    if out.exists():
+        shutil.rmtree(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return str(out)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -621,10 +647,10 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
 
 
 def run(spec, ctx) -> dict:
-    with stage_io.output_dir(ctx.output) as out:
-        res = recalibrate(spec.recalibrate, spec.data, ctx.inputs["drop_rope"], str(out),
-                          run_name=f"recalibrate-{ctx.fingerprint[:12]}",
-                          storage_path=storage.join(ctx.run_uri, "ray-train"), metrics_sink=ctx.sink)
+    # the workers write the output themselves, straight to ctx.output (local or S3), manifest last
+    res = recalibrate(spec.recalibrate, spec.data, ctx.inputs["drop_rope"], ctx.output,
+                      run_name=f"recalibrate-{ctx.fingerprint[:12]}",
+                      storage_path=storage.join(ctx.run_uri, "ray-train"), metrics_sink=ctx.sink)
     return report_training(ctx, res)
 
 

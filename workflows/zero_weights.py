@@ -1,0 +1,281 @@
+"""Model weights in and out of DeepSpeed ZeRO without one process holding the whole model.
+
+In (`load_model`): under ZeRO-3 the model is built inside DeepSpeed's zero.Init (transformers does this
+when an HfDeepSpeedConfig is alive during from_pretrained): each module's parameters are partitioned as
+soon as the module exists, and the checkpoint is copied in one module at a time inside a gather. ZeRO-1/2
+load in the training dtype (bf16 on GPU), never fp32 by default.
+
+Out (`write_final_weights`): at the last step the workers gather the 16-bit weights one module at a time
+(ZeRO-3; for ZeRO-1/2 rank 0 already holds them), rank 0 writes safetensors shards of at most
+`max_shard_bytes` in the base checkpoint's dtype and publishes them to the stage output (local or S3),
+manifest last. No optimizer state leaves the workers for the final model.
+
+Checkpoints (`own_shards`, `missing_rank`, `keep_own_shards`, `download`): every rank writes and reads
+only its own DeepSpeed shard files; a checkpoint missing one rank's shard is refused, naming the rank.
+
+`consolidate` is the older route (zero_to_fp32 over a whole DeepSpeed checkpoint, optimizer states
+included): kept to turn any kept checkpoint into a model, and as the reference the new route must match.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from drope_ops import storage
+from drope_ops.errors import CheckpointError
+from drope_ops.manifest import write_manifest
+
+SAFE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def train_dtype(use_gpu: bool) -> torch.dtype:
+    """bf16 on GPU (DeepSpeed's bf16 mode), fp32 on CPU (exact resume; gloo has no bf16 reduce)."""
+    return torch.bfloat16 if use_gpu else torch.float32
+
+
+def load_model(ckpt_dir: str | os.PathLike, ds_config: dict, dtype: torch.dtype):
+    """(model, keepalive): the checkpoint loaded for DeepSpeed. Under ZeRO-3, `keepalive` is the
+    HfDeepSpeedConfig that makes from_pretrained build the model inside zero.Init; transformers holds it
+    by weak reference only, so the caller keeps it until training ends."""
+    from transformers import AutoModelForCausalLM
+    from transformers.integrations import HfDeepSpeedConfig
+
+    import drope_ops  # noqa: F401  (registers the drope model type in this process)
+
+    keepalive = None
+    if ds_config["zero_optimization"]["stage"] == 3:
+        import deepspeed
+
+        # zero.Init sizes partitions by DeepSpeed's view of the world: hand it the existing process group
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
+        keepalive = HfDeepSpeedConfig(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype)
+    model.config.use_cache = False
+    return model, keepalive
+
+
+def checkpoint_dtype(ckpt_dir: str | os.PathLike, fallback: torch.dtype) -> torch.dtype:
+    """The dtype the base checkpoint was saved in (config.json `dtype` / `torch_dtype`)."""
+    config = json.loads((Path(ckpt_dir) / "config.json").read_text())
+    name = str(config.get("dtype") or config.get("torch_dtype") or "").replace("torch.", "")
+    return SAFE_DTYPES.get(name, fallback)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Out: the final weights, gathered module by module, written in shards by rank 0.
+
+
+def full_weights(engine, zero_stage: int, rank: int, before_gather=lambda numel: None):
+    """Yield (name, tensor) of the trained model on rank 0, nothing on the other ranks, never two
+    modules' full parameters at once. Every rank must run it to the end (ZeRO-3 gathers collectively).
+    A tied parameter is yielded once, under its first name (as save_pretrained does). `before_gather`
+    hears each module's element count before it is gathered (the writer flushes its shard first)."""
+    import deepspeed
+
+    seen: set = set()
+    for prefix, module in engine.module.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        params = [p for p in module.parameters(recurse=False)]
+        if rank == 0:
+            before_gather(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+        gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 and params \
+            else contextlib.nullcontext()
+        with gather:
+            if rank != 0:
+                continue
+            for name, p in module.named_parameters(recurse=False):
+                key = getattr(p, "ds_id", None) if zero_stage == 3 else p.data_ptr()
+                if key not in seen:
+                    seen.add(key)
+                    yield prefix + name, p.detach()
+            for name, buf in module.named_buffers(recurse=False):
+                if buf is not None and name not in module._non_persistent_buffers_set:
+                    yield prefix + name, buf.detach()
+
+
+class ShardWriter:
+    """Safetensors shards of at most `max_bytes` (one tensor may exceed it alone) in `out_dir`, named as
+    save_pretrained names them: model.safetensors, or model-0000i-of-0000n.safetensors + index."""
+
+    def __init__(self, out_dir: Path, dtype: torch.dtype, max_bytes: int):
+        self.out_dir, self.dtype, self.max_bytes = out_dir, dtype, max_bytes
+        self.shard: dict[str, torch.Tensor] = {}
+        self.bytes = 0
+        self.files: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
+
+    def make_room(self, numel: int) -> None:
+        """Write the current shard now if `numel` more elements would overflow it: the shard never
+        waits in memory beside a module being gathered that it cannot hold."""
+        if self.shard and self.bytes + numel * self.dtype.itemsize > self.max_bytes:
+            self.flush()
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.to(dtype=self.dtype if tensor.is_floating_point() else tensor.dtype, device="cpu", copy=True)
+        if self.shard and self.bytes + t.nbytes > self.max_bytes:
+            self.flush()
+        self.shard[name] = t.contiguous()
+        self.bytes += t.nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.shard:
+            return
+        tmp = f"shard-{len(self.files):05d}.safetensors"
+        save_file(self.shard, self.out_dir / tmp, metadata={"format": "pt"})
+        self.files.append((tmp, list(self.shard)))
+        self.shard, self.bytes = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        if n == 1:
+            os.replace(self.out_dir / self.files[0][0], self.out_dir / "model.safetensors")
+            return
+        weight_map, total = {}, 0
+        for i, (tmp, names) in enumerate(self.files, 1):
+            final = f"model-{i:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / tmp, self.out_dir / final)
+            total += (self.out_dir / final).stat().st_size
+            weight_map.update({name: final for name in names})
+        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def write_final_weights(engine, *, zero_stage: int, rank: int, source_dir: str | os.PathLike, tokenizer,
+                        output_uri: str, max_shard_bytes: int) -> None:
+    """Gather the trained weights (all ranks) and publish them as a checkpoint at `output_uri` (rank 0):
+    safetensors shards in the base checkpoint's dtype, config, tokenizer, manifest last."""
+    dtype = checkpoint_dtype(source_dir, fallback=next(engine.module.parameters()).dtype)
+    work = Path(tempfile.mkdtemp(prefix="recal-final-")) if rank == 0 else None
+    try:
+        writer = ShardWriter(work, dtype, max_shard_bytes) if rank == 0 else None
+        for name, tensor in full_weights(engine, zero_stage, rank, writer.make_room if writer else None):
+            writer.add(name, tensor)
+        if rank == 0:
+            writer.finish()
+            _write_config(source_dir, work, dtype)
+            tokenizer.save_pretrained(work)
+            write_manifest(work)
+            storage.put_checkpoint(work, output_uri)  # objects first, manifest last
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    torch.distributed.barrier()  # nobody reports the run finished before the output is complete
+
+
+def _write_config(source_dir, out_dir: Path, dtype: torch.dtype) -> None:
+    """The base checkpoint's config (and generation config), with the dtype the weights are written in."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(source_dir)
+    config.dtype = dtype
+    config.save_pretrained(out_dir)
+    if (Path(source_dir) / "generation_config.json").is_file():
+        shutil.copyfile(Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Checkpoints: each rank writes and reads only its own shard files.
+
+SHARED_FILES = {1: ("mp_rank_00_model_states.pt",), 2: ("mp_rank_00_model_states.pt",), 3: ()}
+"""DeepSpeed files every rank reads (ZeRO-1/2: the module weights, written by rank 0 only)."""
+
+
+def own_shards(rank: int, names: list[str]) -> list[str]:
+    """The shard files of rank `rank` among a DeepSpeed tag directory's file names."""
+    return [n for n in names if re.match(rf"(?:bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_", n)]
+
+
+def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
+    """Why a checkpoint (its tag directory's file names) cannot be resumed by `world` ranks, naming the
+    first rank whose shard is missing; None when complete. ZeRO-3: every rank needs its optimizer and
+    model-states shard; ZeRO-1/2: its optimizer shard, and rank 0's module weights."""
+    kinds = ("optim_states", "model_states") if zero_stage == 3 else ("optim_states",)
+    for rank in range(world):
+        mine = own_shards(rank, names)
+        for kind in kinds:
+            if not any(kind in n for n in mine):
+                return f"the {kind} shard of rank {rank} is missing"
+    for name in SHARED_FILES[zero_stage]:
+        if name not in names:
+            return f"{name} (rank 0's module weights) is missing"
+    return None
+
+
+# Reading a Ray Train checkpoint (local or S3) file by file, never as a whole directory.
+
+
+def checkpoint_files(checkpoint) -> list[str]:
+    """Relative paths of every file in a Ray Train checkpoint (local or S3), without downloading any."""
+    import pyarrow.fs
+
+    root = checkpoint.path.rstrip("/")
+    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
+    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
+
+
+def download(checkpoint, names: list[str], local_dir: str) -> None:
+    """Copy the named files of a Ray Train checkpoint into local_dir (and nothing else)."""
+    for name in names:
+        (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
+        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as src, \
+                open(Path(local_dir) / name, "wb") as dst:
+            shutil.copyfileobj(src, dst, 8 << 20)
+
+
+def keep_own_shards(d: Path, tag: str, rank: int) -> None:
+    """Delete what DeepSpeed wrote on this node besides this rank's shards (node-local storage makes
+    each node's first rank write the shared files too: `latest`, ZeRO-1/2 module weights)."""
+    for p in d.iterdir():
+        if p.is_file():
+            p.unlink()
+    for p in (d / tag).iterdir():
+        if p.name not in own_shards(rank, [p.name]):
+            p.unlink()
+
+
+def read_json(checkpoint, name: str) -> dict:
+    """One JSON file of a Ray Train checkpoint, read in place."""
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
+        return json.loads(f.read())
+
+
+# ---------------------------------------------------------------------------------------------------
+# The older route: zero_to_fp32 over a whole DeepSpeed checkpoint (optimizer states included).
+
+
+def consolidate(checkpoint_path: str, source_checkpoint: str, output_dir: str, tag: str = "ds") -> None:
+    """ZeRO checkpoint directory -> fp32 safetensors checkpoint + tokenizer + manifest at output_dir."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    import drope_ops  # noqa: F401
+
+    state_dict = get_fp32_state_dict_from_zero_checkpoint(checkpoint_path, tag=tag)
+    config = AutoConfig.from_pretrained(source_checkpoint)
+    config.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if set(missing) - tied or unexpected:
+        raise CheckpointError(f"the ZeRO checkpoint at {checkpoint_path} does not match {source_checkpoint}: "
+                              f"missing {sorted(set(missing) - tied)[:3]}, unexpected {unexpected[:3]}")
+    model.tie_weights()
+    out = Path(output_dir)
+    tmp = out.with_name(out.name + ".tmp-consolidate")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(source_checkpoint).save_pretrained(tmp)
+    write_manifest(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
