@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from drope_ops.manifest import write_manifest
 from tests.fixtures.lm_eval_tasks import write_task_sets
+from tests.fixtures.logs import tracebacks
 from tests.fixtures.services import s3_env_vars
 from tests.fixtures.workflow_services import VENV_BIN, run_drope
 from workflows.cli import main as cli_main
@@ -262,7 +263,7 @@ def one_error_line(proc, command: str) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"drope {command}: error:")]
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert tracebacks(proc.stderr) == 0, proc.stderr[-3000:]
     return lines[0]
 
 
