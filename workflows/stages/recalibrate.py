@@ -156,6 +156,9 @@ class RecalibrateConfig:
             raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
         if not 0 <= self.warmup_steps < self.steps:
             raise SpecError(f"recalibrate.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if not self.weight_decay >= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SpecError(f"recalibrate.weight_decay={self.weight_decay} must be >= 0 and betas={list(self.betas)} "
+                            f"two numbers in [0, 1), e.g. weight_decay: 0.1, betas: [0.9, 0.95]")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise SpecError("recalibrate.min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
         if not self.output_shard_mb > 0:
