@@ -1,8 +1,9 @@
 """Model weights in and out of DeepSpeed ZeRO without one process holding the whole model.
 
 In (`load_model`): under ZeRO-3 the model is built inside DeepSpeed's zero.Init (transformers does this
-when an HfDeepSpeedConfig is alive during from_pretrained): each module's parameters are partitioned as
-soon as the module exists, and the checkpoint is copied in one module at a time inside a gather. ZeRO-1/2
+when an HfDeepSpeedConfig is alive during from_config): each module's parameters are partitioned as soon
+as the module exists; then each rank reads from the safetensors files only the slice of every parameter
+its partition holds (`load_partitions`), so no rank reads, converts or gathers a whole parameter. ZeRO-1/2
 load in the training dtype (bf16 on GPU), never fp32 by default.
 
 Out (`write_final_weights`): at the last step the workers gather the 16-bit weights one module at a time
@@ -55,13 +56,86 @@ def load_model(ckpt_dir: str | os.PathLike, ds_config: dict, dtype: torch.dtype)
     keepalive = None
     if ds_config["zero_optimization"]["stage"] == 3:
         import deepspeed
+        from transformers import AutoConfig
 
         # zero.Init sizes partitions by DeepSpeed's view of the world: hand it the existing process group
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend())
         keepalive = HfDeepSpeedConfig(ds_config)
-    model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype)
+        model = empty_zero3_model(AutoConfig.from_pretrained(ckpt_dir), ds_config, dtype)
+        load_partitions(model, ckpt_dir)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(ckpt_dir, dtype=dtype)
     model.config.use_cache = False
     return model, keepalive
+
+
+def empty_zero3_model(config, ds_config: dict, dtype: torch.dtype):
+    """The model built inside zero.Init with its weights left uninitialized: from_config's ZeRO-3 path
+    without its random init, which gathers a layer's projections together (an MLP's three are half of a
+    one-layer 7B-wide model) to fill weights that the checkpoint overwrites anyway."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+    from transformers import initialization
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+    from transformers.modeling_utils import set_zero3_state
+
+    with initialization.no_init_weights(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config), set_zero3_state():
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.tie_weights()  # as from_config's own ZeRO-3 path does after its init (tie_word_embeddings)
+    return model
+
+
+def tensor_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
+    """{tensor name: its safetensors file} of a checkpoint (one file, or shards and their index)."""
+    d = Path(ckpt_dir)
+    index = d / "model.safetensors.index.json"
+    if index.exists():
+        return {name: d / f for name, f in json.loads(index.read_text())["weight_map"].items()}
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        return {name: d / "model.safetensors" for name in f.keys()}
+
+
+def flat_range(tensor_slice, shape: list[int], start: int, end: int) -> torch.Tensor:
+    """Elements [start, end) of a stored tensor flattened, reading only the rows that hold them."""
+    if len(shape) <= 1:
+        return tensor_slice[start:end].reshape(-1)
+    row = math.prod(shape[1:])
+    first = start // row
+    rows = tensor_slice[first:-(-end // row)].reshape(-1)
+    return rows[start - first * row:end - first * row]
+
+
+def load_partitions(model, ckpt_dir: str | os.PathLike) -> None:
+    """Fill a model built under zero.Init from the checkpoint: each rank reads only the part of every
+    parameter its ZeRO-3 partition holds (a flat range: the rows that cover it), so no rank ever reads,
+    converts or gathers a whole parameter. Parameters DeepSpeed keeps whole (ds_persist) and persistent
+    buffers are read whole."""
+    from safetensors import safe_open
+
+    files = tensor_files(ckpt_dir)
+    names = [n for n, _ in model.named_parameters()]  # a tied parameter once, under its first name
+    missing = [n for n in names if n not in files]
+    if missing:
+        raise CheckpointError(f"{ckpt_dir}: the checkpoint has no tensor {missing[0]} ({len(missing)} missing) "
+                              f"that a {type(model).__name__} needs; is it a {model.config.model_type} checkpoint?")
+    with contextlib.ExitStack() as stack:
+        handles = {f: stack.enter_context(safe_open(str(f), "pt")) for f in set(files.values())}
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                stored = handles[files[name]].get_slice(name)
+                part, full = p.ds_tensor, p.ds_numel
+                start = torch.distributed.get_rank(group=p.ds_process_group) * part.numel()
+                end = min(start + part.numel(), full)
+                if start < end:
+                    part.narrow(0, 0, end - start).copy_(flat_range(stored, stored.get_shape(), start, end))
+                if getattr(p, "ds_persist", False):
+                    p.data.copy_(stored[:].reshape(p.ds_shape))
+            for name, buf in model.named_buffers():
+                if name in files:
+                    buf.copy_(handles[files[name]].get_tensor(name))
 
 
 def checkpoint_dtype(ckpt_dir: str | os.PathLike, fallback: torch.dtype) -> torch.dtype:
