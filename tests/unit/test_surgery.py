@@ -203,3 +203,9 @@ def test_drop_rope_stage_records_the_rope_scaling_it_removed(debug_checkpoint, y
     plain = stage.run(load_spec("debug"), SimpleNamespace(inputs={SOURCE: str(tmp_path / "plain")},
                                                           output=str(tmp_path / "out2")))
     assert (plain["removed_rope_scaling"], plain["removed_rope_factor"]) == ("none", 1.0)
+
+
+def test_surgery_qk_norm_choices_are_the_models():
+    from drope_ops import modeling, surgery
+
+    assert (surgery.QK_NORM_CHOICES, surgery.QK_NORM_SCOPES) == (modeling.QK_NORM_CHOICES, modeling.QK_NORM_SCOPES)
