@@ -23,11 +23,12 @@ import json
 import os
 import shutil
 import struct
+import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from tqdm.auto import tqdm
 
@@ -37,10 +38,15 @@ from drope_ops.manifest import build_manifest, manifest_digest, read_manifest, w
 if TYPE_CHECKING:
     from drope_ops.modeling import DropeConfig
 
-# drope_ops.modeling's QkNorm / QkNormScope choices (modeling.py imports nothing from this project, and
-# importing it costs seconds of transformers); tests/unit/test_surgery.py checks the two agree.
-QK_NORM_CHOICES = ("none", "qk", "q")
-QK_NORM_SCOPES = ("full", "head")
+# drope_ops.modeling's QkNorm / QkNormScope (modeling.py imports nothing from this project, and importing
+# it costs seconds of transformers: the CLI and the workflow specs take them from here);
+# tests/unit/test_surgery.py checks the two agree.
+QkNorm = Literal["none", "qk", "q"]
+"""QK-norm after dropping RoPE: none, on q and k (the paper), or on q only."""
+QkNormScope = Literal["full", "head"]
+"""full: RMSNorm over num_heads*head_dim (the paper); head: per-head RMSNorm (Qwen3)."""
+QK_NORM_CHOICES = typing.get_args(QkNorm)
+QK_NORM_SCOPES = typing.get_args(QkNormScope)
 
 # model_type -> q/k/v carry a bias (Qwen2); every type here is pre-norm Llama layout with RoPE.
 ROPE_LLAMA_TYPES = {"llama": False, "qwen2": True}
