@@ -187,12 +187,15 @@ def drope_config_fields(src_config: dict, *, qk_norm: str, qk_norm_scope: str, r
 
 def drope_config(fields: dict) -> DropeConfig:
     """The DroPE config from drope_config_fields (imports transformers; validated by constructing it)."""
+    from huggingface_hub.errors import StrictDataclassError
+
     from drope_ops.modeling import DropeConfig
 
     try:
         return DropeConfig(**fields)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({str(e).splitlines()[0]})")
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: a field of the wrong type
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({why}); fix that field")
 
 
 # --- safetensors at the byte level: 8-byte little-endian header size N, N bytes of JSON header
