@@ -57,6 +57,21 @@ def bare_loop(ckpt, blocks, cfg, threads: int) -> list[float]:
     return times
 
 
+def batch_times(data, seq: int, global_batch: int, workers: int, steps: int) -> list[float]:
+    """Seconds rank 0's sampler takes to make each batch when nothing makes it ahead (what a step
+    would wait without the prefetch thread)."""
+    from drope_ops.data import make_sampler
+    from drope_ops.debugmodel import byte_level_tokenizer
+
+    sampler = make_sampler(data, byte_level_tokenizer(), seq, global_batch=global_batch, rank=0, world=workers)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sampler.next_batch()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -103,11 +118,14 @@ def main() -> None:
     bare_med = statistics.median(bare[args.skip:])
     ray_med = statistics.median(ray_steps[args.skip:])
     waits = [h["data_wait_s"] for h in result["history"]][args.skip:]
+    unhidden = batch_times(data, args.seq, args.global_batch, args.workers, args.steps)[args.skip:]
     print(f"bare torch loop      : median step {bare_med * 1e3:8.1f} ms  ({tokens / bare_med:8.0f} tokens/s)")
     print(f"Ray Train + ZeRO-2   : median step {ray_med * 1e3:8.1f} ms  ({tokens / ray_med:8.0f} tokens/s)")
     print(f"steady-state ratio (Ray+DeepSpeed / bare): {ray_med / bare_med:.3f}   (goal <= 1.10)")
     print(f"waiting for data     : median {statistics.median(waits) * 1e3:8.2f} ms a step, "
           f"{sum(waits) / sum(ray_steps[args.skip:]):.2%} of the steps' time   (goal <= 2%)")
+    print(f"making the batches   : median {statistics.median(unhidden) * 1e3:8.2f} ms a step, "
+          f"{sum(unhidden) / sum(ray_steps[args.skip:]):.2%} of the steps' time   (what a step would wait unprefetched)")
     print(f"start-up + checkpoint + consolidation cost of the Ray path: {wall - sum(ray_steps):.1f} s "
           f"(recalibrate() wall {wall:.1f} s, steps {sum(ray_steps):.1f} s)")
 
