@@ -442,6 +442,7 @@ def _train_steps(t: Trainee, cfg: RecalibrateConfig, config: dict, tokens_per_st
             save(t, done, metrics, report, probe_logits(t, input_ids) if done == cfg.steps else None)
         if done == cfg.stop_after_step:
             return
+    t.sampler.close()  # no batch is made while finish saves the tokenizer
     finish(t, cfg, config["output"])  # also after a restart that restored the last step's checkpoint
 
 
