@@ -6,9 +6,10 @@ soon as the module exists, and the checkpoint is copied in one module at a time 
 load in the training dtype (bf16 on GPU), never fp32 by default.
 
 Out (`write_final_weights`): at the last step the workers gather the 16-bit weights one module at a time
-(ZeRO-3; for ZeRO-1/2 rank 0 already holds them), rank 0 writes safetensors shards of at most
-`max_shard_bytes` in the base checkpoint's dtype and publishes them to the stage output (local or S3),
-manifest last. No optimizer state leaves the workers for the final model.
+(ZeRO-3; for ZeRO-1/2 rank 0 already holds them), rank 0 streams each tensor into safetensors shards
+of at most `max_shard_bytes` in the base checkpoint's dtype (headers first: the layout is known before
+any gather) and publishes them to the stage output (local or S3), manifest last. No optimizer state
+leaves the workers for the final model; the writer holds one module, never a shard.
 
 Checkpoints (`own_shards`, `missing_rank`, `keep_own_shards`, `download`): every rank writes and reads
 only its own DeepSpeed shard files; a checkpoint missing one rank's shard is refused, naming the rank.
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -73,79 +75,118 @@ def checkpoint_dtype(ckpt_dir: str | os.PathLike, fallback: torch.dtype) -> torc
 # Out: the final weights, gathered module by module, written in shards by rank 0.
 
 
-def full_weights(engine, zero_stage: int, rank: int, before_gather=lambda numel: None):
+def _save_order(model, zero_stage: int):
+    """Per module, in save_pretrained's order: (its own parameters, [(name, parameter or persistent
+    buffer)]); a tied parameter listed once, under its first name."""
+    seen: set = set()
+    for prefix, module in model.named_modules():
+        prefix = f"{prefix}." if prefix else ""
+        entries = []
+        for name, p in module.named_parameters(recurse=False):
+            key = getattr(p, "ds_id", None) if zero_stage == 3 else p.data_ptr()
+            if key not in seen:
+                seen.add(key)
+                entries.append((prefix + name, p))
+        for name, buf in module.named_buffers(recurse=False):
+            if buf is not None and name not in module._non_persistent_buffers_set:
+                entries.append((prefix + name, buf))
+        yield list(module.parameters(recurse=False)), entries
+
+
+def weight_layout(model, zero_stage: int, dtype: torch.dtype) -> list[tuple[str, tuple, torch.dtype]]:
+    """(name, full shape, dtype on disk) of every tensor `full_weights` yields, in its order, without
+    gathering anything (a ZeRO-3 parameter carries its full shape as ds_shape)."""
+    return [(name, tuple(getattr(t, "ds_shape", t.shape)), dtype if t.is_floating_point() else t.dtype)
+            for _, entries in _save_order(model, zero_stage) for name, t in entries]
+
+
+def full_weights(engine, zero_stage: int, rank: int):
     """Yield (name, tensor) of the trained model on rank 0, nothing on the other ranks, never two
-    modules' full parameters at once. Every rank must run it to the end (ZeRO-3 gathers collectively).
-    A tied parameter is yielded once, under its first name (as save_pretrained does). `before_gather`
-    hears each module's element count before it is gathered (the writer flushes its shard first)."""
+    modules' full parameters at once. Every rank must run it to the end (ZeRO-3 gathers collectively)."""
     import deepspeed
 
-    seen: set = set()
-    for prefix, module in engine.module.named_modules():
-        prefix = f"{prefix}." if prefix else ""
-        params = [p for p in module.parameters(recurse=False)]
-        if rank == 0:
-            before_gather(sum(getattr(p, "ds_numel", p.numel()) for p in params))
+    for params, entries in _save_order(engine.module, zero_stage):
         gather = deepspeed.zero.GatheredParameters(params, modifier_rank=None) if zero_stage == 3 and params \
             else contextlib.nullcontext()
         with gather:
-            if rank != 0:
-                continue
-            for name, p in module.named_parameters(recurse=False):
-                key = getattr(p, "ds_id", None) if zero_stage == 3 else p.data_ptr()
-                if key not in seen:
-                    seen.add(key)
-                    yield prefix + name, p.detach()
-            for name, buf in module.named_buffers(recurse=False):
-                if buf is not None and name not in module._non_persistent_buffers_set:
-                    yield prefix + name, buf.detach()
+            if rank == 0:
+                for name, t in entries:
+                    yield name, t.detach()
+
+
+SAFETENSORS_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
 
 
 class ShardWriter:
     """Safetensors shards of at most `max_bytes` (one tensor may exceed it alone) in `out_dir`, named as
-    save_pretrained names them: model.safetensors, or model-0000i-of-0000n.safetensors + index."""
+    save_pretrained names them: model.safetensors, or model-0000i-of-0000n.safetensors + index.
 
-    def __init__(self, out_dir: Path, dtype: torch.dtype, max_bytes: int):
-        self.out_dir, self.dtype, self.max_bytes = out_dir, dtype, max_bytes
-        self.shard: dict[str, torch.Tensor] = {}
-        self.bytes = 0
-        self.files: list[tuple[str, list[str]]] = []  # (temporary file name, its tensor names)
+    The layout (every tensor's name, shape and dtype, in the order they will come) is known before the
+    first gather, so each shard's header is written first and every tensor streams to disk as it
+    arrives: the writer never holds more than the tensor in hand, whatever the shard size."""
 
-    def make_room(self, numel: int) -> None:
-        """Write the current shard now if `numel` more elements would overflow it: the shard never
-        waits in memory beside a module being gathered that it cannot hold."""
-        if self.shard and self.bytes + numel * self.dtype.itemsize > self.max_bytes:
-            self.flush()
+    def __init__(self, out_dir: Path, layout: list[tuple[str, tuple, torch.dtype]], max_bytes: int):
+        self.out_dir, self.layout, self.pos = out_dir, layout, 0
+        self.shards = self._split(layout, max_bytes)  # [[layout index, ...] per shard]
+        self.names = [[layout[i][0] for i in shard] for shard in self.shards]
+        self.file, self.shard = None, -1
+
+    @staticmethod
+    def _split(layout, max_bytes: int) -> list[list[int]]:
+        shards, size = [[]], 0
+        for i, (_, shape, dtype) in enumerate(layout):
+            nbytes = math.prod(shape) * dtype.itemsize
+            if shards[-1] and size + nbytes > max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(i)
+            size += nbytes
+        return shards
+
+    def _open_next(self) -> None:
+        self.shard += 1
+        entries, offset = {}, 0
+        for i in self.shards[self.shard]:
+            name, shape, dtype = self.layout[i]
+            end = offset + math.prod(shape) * dtype.itemsize
+            entries[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+            offset = end
+        header = json.dumps({"__metadata__": {"format": "pt"}, **entries}, separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.file = open(self.out_dir / self._tmp(self.shard), "wb")
+        self.file.write(len(header).to_bytes(8, "little") + header)
+
+    def _tmp(self, shard: int) -> str:
+        return f"shard-{shard:05d}.safetensors"
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
-        t = tensor.to(dtype=self.dtype if tensor.is_floating_point() else tensor.dtype, device="cpu", copy=True)
-        if self.shard and self.bytes + t.nbytes > self.max_bytes:
-            self.flush()
-        self.shard[name] = t.contiguous()
-        self.bytes += t.nbytes
-
-    def flush(self) -> None:
-        from safetensors.torch import save_file
-
-        if not self.shard:
-            return
-        tmp = f"shard-{len(self.files):05d}.safetensors"
-        save_file(self.shard, self.out_dir / tmp, metadata={"format": "pt"})
-        self.files.append((tmp, list(self.shard)))
-        self.shard, self.bytes = {}, 0
+        want, shape, dtype = self.layout[self.pos]
+        if (name, tuple(tensor.shape)) != (want, shape):
+            raise RuntimeError(f"final weights: got {name} {tuple(tensor.shape)}, the layout expects {want} {shape}")
+        if self.file is None:
+            self._open_next()
+        t = tensor.to(dtype=dtype, device="cpu").contiguous()
+        self.file.write(t.reshape(-1).view(torch.uint8).numpy().data)
+        self.pos += 1
+        if self.pos == self.shards[self.shard][-1] + 1:
+            self.file.close()
+            self.file = None
 
     def finish(self) -> None:
-        self.flush()
-        n = len(self.files)
+        if self.pos != len(self.layout):
+            raise RuntimeError(f"final weights: {len(self.layout) - self.pos} tensors never arrived")
+        n = len(self.shards)
         if n == 1:
-            os.replace(self.out_dir / self.files[0][0], self.out_dir / "model.safetensors")
+            os.replace(self.out_dir / self._tmp(0), self.out_dir / "model.safetensors")
             return
-        weight_map, total = {}, 0
-        for i, (tmp, names) in enumerate(self.files, 1):
-            final = f"model-{i:05d}-of-{n:05d}.safetensors"
-            os.replace(self.out_dir / tmp, self.out_dir / final)
-            total += (self.out_dir / final).stat().st_size
+        weight_map = {}
+        for i, names in enumerate(self.names):
+            final = f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            os.replace(self.out_dir / self._tmp(i), self.out_dir / final)
             weight_map.update({name: final for name in names})
+        total = sum(math.prod(shape) * dtype.itemsize for _, shape, dtype in self.layout)  # as save_pretrained
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (self.out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
@@ -157,8 +198,9 @@ def write_final_weights(engine, *, zero_stage: int, rank: int, source_dir: str |
     dtype = checkpoint_dtype(source_dir, fallback=next(engine.module.parameters()).dtype)
     work = Path(tempfile.mkdtemp(prefix="recal-final-")) if rank == 0 else None
     try:
-        writer = ShardWriter(work, dtype, max_shard_bytes) if rank == 0 else None
-        for name, tensor in full_weights(engine, zero_stage, rank, writer.make_room if writer else None):
+        layout = weight_layout(engine.module, zero_stage, dtype)
+        writer = ShardWriter(work, layout, max_shard_bytes) if rank == 0 else None
+        for name, tensor in full_weights(engine, zero_stage, rank):
             writer.add(name, tensor)
         if rank == 0:
             writer.finish()
