@@ -4,7 +4,9 @@ single-process torch loop doing the same tokens per step on the same model, meas
     .venv/bin/python benchmarks/recalibrate_step_time.py              # defaults: 2 workers, seq 256
     .venv/bin/python benchmarks/recalibrate_step_time.py --steps 40 --hidden 384 --layers 6
 
-Prints the steady-state ratio (median step time after --skip warm-up steps; goal <= 1.10) and the
+Prints the steady-state ratio (median step time after --skip warm-up steps; goal <= 1.10), the
+share of the Ray path's steps spent waiting for data (the next batch is packed in a thread while a
+step runs; goal <= 2%; --streaming tokenizes on the fly instead of slicing packed blocks) and the
 start-up cost of the Ray path (wall time of recalibrate() minus its steps) separately. The bare
 loop uses all the workers' threads (torch.set_num_threads(N * cpus_per_worker)), the same AdamW,
 gradient accumulation and clipping, so the ratio is the price of distribution, not of fewer cores.
@@ -55,6 +57,21 @@ def bare_loop(ckpt, blocks, cfg, threads: int) -> list[float]:
     return times
 
 
+def batch_times(data, seq: int, global_batch: int, workers: int, steps: int) -> list[float]:
+    """Seconds rank 0's sampler takes to make each batch when nothing makes it ahead (what a step
+    would wait without the prefetch thread)."""
+    from drope_ops.data import make_sampler
+    from drope_ops.debugmodel import byte_level_tokenizer
+
+    sampler = make_sampler(data, byte_level_tokenizer(), seq, global_batch=global_batch, rank=0, world=workers)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        sampler.next_batch()
+        times.append(time.perf_counter() - t0)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--steps", type=int, default=30)
@@ -65,6 +82,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--streaming", action="store_true", help="the Ray path tokenizes and packs while it trains")
     args = p.parse_args()
 
     import ray
@@ -81,9 +99,12 @@ def main() -> None:
                             lr=1e-3, warmup_steps=2, loss_spike_factor=None)
     data = DataConfig(source="shakespeare", seq_len=args.seq, max_tokens=(args.steps + 2) * args.global_batch * args.seq)
     blocks = load_blocks(data, byte_level_tokenizer(), args.seq)
+    if args.streaming:
+        data = DataConfig(source="shakespeare", seq_len=args.seq, streaming=True)
     tokens = args.global_batch * args.seq
     print(f"model: hidden {args.hidden}, {args.layers} layers; {tokens} tokens / step "
-          f"({args.global_batch} x {args.seq}); {args.steps} steps; ZeRO-2 on {args.workers} CPU workers")
+          f"({args.global_batch} x {args.seq}); {args.steps} steps; ZeRO-2 on {args.workers} CPU workers; "
+          f"{'streamed' if args.streaming else 'packed'} data")
 
     bare = bare_loop(ckpt, blocks, cfg, threads=args.workers)
     ray.init(num_cpus=args.workers * 2, include_dashboard=False, address="local", log_to_driver=False)
@@ -96,9 +117,15 @@ def main() -> None:
 
     bare_med = statistics.median(bare[args.skip:])
     ray_med = statistics.median(ray_steps[args.skip:])
+    waits = [h["data_wait_s"] for h in result["history"]][args.skip:]
+    unhidden = batch_times(data, args.seq, args.global_batch, args.workers, args.steps)[args.skip:]
     print(f"bare torch loop      : median step {bare_med * 1e3:8.1f} ms  ({tokens / bare_med:8.0f} tokens/s)")
     print(f"Ray Train + ZeRO-2   : median step {ray_med * 1e3:8.1f} ms  ({tokens / ray_med:8.0f} tokens/s)")
     print(f"steady-state ratio (Ray+DeepSpeed / bare): {ray_med / bare_med:.3f}   (goal <= 1.10)")
+    print(f"waiting for data     : median {statistics.median(waits) * 1e3:8.2f} ms a step, "
+          f"{sum(waits) / sum(ray_steps[args.skip:]):.2%} of the steps' time   (goal <= 2%)")
+    print(f"making the batches   : median {statistics.median(unhidden) * 1e3:8.2f} ms a step, "
+          f"{sum(unhidden) / sum(ray_steps[args.skip:]):.2%} of the steps' time   (what a step would wait unprefetched)")
     print(f"start-up + checkpoint + consolidation cost of the Ray path: {wall - sum(ray_steps):.1f} s "
           f"(recalibrate() wall {wall:.1f} s, steps {sum(ray_steps):.1f} s)")
 

@@ -5,9 +5,10 @@
 Writes a random fp16 safetensors checkpoint shaped like Llama-2-7B (32 layers, hidden 4096, ffn 11008,
 32 heads, vocab 32000, ~13.5 GB in several shards) into a temporary directory, then in one run:
   1. `cp -r SRC COPY && sync`                     (the floor: read + write every byte)
-  2. `drope drop-rope SRC DST && sync` as a child  (stream, hash source and output, add QK-norm)
-and prints wall(surgery) / wall(cp) (goal <= 1.5) and the surgery's peak RSS / largest shard
-(goal <= 1.2). Needs about 2.1x the checkpoint size free on --workdir; everything is removed at the end.
+  2. `drope drop-rope SRC DST && sync` as a child  (the CLI: stream, hash source and output, add QK-norm)
+in --rounds rounds whose order alternates (neither always runs on the page cache the other left),
+and prints the median wall(surgery) / median wall(cp) (goal <= 1.5) and the surgery's peak RSS /
+largest shard (goal <= 1.2). Needs about 2.1x the checkpoint size free on --workdir; everything is removed at the end.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,21 +81,20 @@ def write_checkpoint(root: Path, cfg: dict, max_shard_bytes: int) -> list[Path]:
 
 
 SURGERY_CHILD = """
-import sys, time
+import resource, sys, time
 t = time.perf_counter()
-from drope_ops.surgery import drop_rope
+from workflows.cli import main
 t_import = time.perf_counter() - t
 t = time.perf_counter()
-drop_rope(sys.argv[1], sys.argv[2], progress=False)
+rc = main(["drop-rope", sys.argv[1], sys.argv[2], "--no-progress"])
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
-import resource
 ru = resource.getrusage(resource.RUSAGE_SELF)
-print(f"{t_import:.2f} {time.perf_counter() - t:.2f} {hwm * 1024} {ru.ru_utime + ru.ru_stime:.2f}")
+print(f"{rc} {t_import:.2f} {time.perf_counter() - t:.2f} {hwm * 1024} {ru.ru_utime + ru.ru_stime:.2f}")
 """
 
 
-def timed_surgery(src: Path, dst: Path) -> tuple[float, int, float, float, float]:
-    """(wall incl. sync, peak RSS bytes, import s, drop_rope s, CPU s) of a child process.
+def timed_surgery(src: Path, dst: Path) -> dict:
+    """Wall incl. sync, peak RSS bytes, CLI import s, command s and CPU s of `drope drop-rope` in a child.
 
     Peak RSS is the child's own VmHWM: the rusage of a forked child also counts the parent's pages
     it held before exec (the parent holds GBs right after writing the checkpoint).
@@ -102,10 +103,10 @@ def timed_surgery(src: Path, dst: Path) -> tuple[float, int, float, float, float
     proc = subprocess.run([sys.executable, "-c", SURGERY_CHILD, str(src), str(dst)], stdout=subprocess.PIPE, text=True)
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t
-    if proc.returncode != 0:
-        raise SystemExit(f"surgery failed with exit code {proc.returncode}")
-    t_import, t_run, rss, cpu = proc.stdout.split()
-    return wall, int(rss), float(t_import), float(t_run), float(cpu)
+    rc, t_import, t_run, rss, cpu = (proc.stdout.strip().splitlines() or ["1 0 0 0 0"])[-1].split()
+    if proc.returncode != 0 or rc != "0":
+        raise SystemExit(f"drope drop-rope failed with exit code {proc.returncode or rc}")
+    return dict(wall=wall, rss=int(rss), t_import=float(t_import), t_run=float(t_run), cpu=float(cpu))
 
 
 def _children_cpu() -> float:
@@ -113,13 +114,35 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def timed_cp(src: Path, dst: Path) -> tuple[float, float]:
-    """(wall incl. sync, CPU seconds of cp)."""
+def timed_cp(src: Path, dst: Path) -> dict:
+    """Wall incl. sync and CPU seconds of `cp -r`."""
     t, cpu = time.perf_counter(), _children_cpu()
     subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
     cp_cpu = _children_cpu() - cpu
     subprocess.run(["sync"], check=True)
-    return time.perf_counter() - t, cp_cpu
+    return dict(wall=time.perf_counter() - t, cpu=cp_cpu)
+
+
+def rounds(src: Path, scratch: Path, n: int) -> tuple[list[dict], list[dict]]:
+    """n rounds of cp and drop-rope, the order alternating (cp first in odd rounds) so neither always
+    finds the page cache the other left; each output is removed and synced before the next run."""
+    cps, surgeries = [], []
+    for k in range(n):
+        order = ("cp", "drope") if k % 2 == 0 else ("drope", "cp")
+        for which in order:
+            dst = scratch / which
+            if which == "cp":
+                cps.append(timed_cp(src, dst))
+            else:
+                surgeries.append(timed_surgery(src, dst))
+            shutil.rmtree(dst)
+            subprocess.run(["sync"], check=True)
+        print(f"  round {k + 1}: cp {cps[-1]['wall']:.1f} s, drop-rope {surgeries[-1]['wall']:.1f} s", flush=True)
+    return cps, surgeries
+
+
+def median(runs: list[dict], key: str) -> float:
+    return statistics.median(r[key] for r in runs)
 
 
 def main() -> int:
@@ -127,6 +150,7 @@ def main() -> int:
     ap.add_argument("--workdir", default=tempfile.gettempdir(), help="where the ~40 GB of scratch files go")
     ap.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size of the source checkpoint")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick try (shape stays 7B-wide)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of cp and drop-rope (order alternating); medians")
     a = ap.parse_args()
     cfg = {**LLAMA2_7B, "num_hidden_layers": a.layers}
     need = 2.1 * 2 * sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
@@ -140,16 +164,17 @@ def main() -> int:
         files = write_checkpoint(root / "src", cfg, int(a.max_shard_gb * 1e9))
         total, largest = sum(p.stat().st_size for p in files), max(p.stat().st_size for p in files)
         subprocess.run(["sync"], check=True)
-        t_cp, cpu_cp = timed_cp(root / "src", root / "copy")
-        shutil.rmtree(root / "copy")
-        subprocess.run(["sync"], check=True)
-        t_surgery, rss, t_import, t_run, cpu_surgery = timed_surgery(root / "src", root / "drope")
-        print(f"checkpoint: {len(files)} shards, {total / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB")
+        cps, surgeries = rounds(root / "src", root, a.rounds)
+        t_cp, t_surgery, t_import = median(cps, "wall"), median(surgeries, "wall"), median(surgeries, "t_import")
+        print(f"checkpoint: {len(files)} shards, {total / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB; "
+              f"medians of {a.rounds} rounds")
         print(f"machine load average:    {os.getloadavg()[0]:7.1f}  on {os.cpu_count()} cores")
-        print(f"cp -r + sync:            {t_cp:7.1f} s  ({total / t_cp / 1e9:.2f} GB/s, cp CPU {cpu_cp:.1f} s)")
-        print(f"drop-rope + sync:        {t_surgery:7.1f} s  (child: import {t_import:.1f} s, drop_rope {t_run:.1f} s, CPU {cpu_surgery:.1f} s)")
-        print(f"wall ratio surgery / cp: {t_surgery / t_cp:7.2f}  (goal <= 1.5; without the import: "
+        print(f"cp -r + sync:            {t_cp:7.1f} s  ({total / t_cp / 1e9:.2f} GB/s, cp CPU {median(cps, 'cpu'):.1f} s)")
+        print(f"drope drop-rope + sync:  {t_surgery:7.1f} s  (child: CLI import {t_import:.2f} s, command "
+              f"{median(surgeries, 't_run'):.1f} s, CPU {median(surgeries, 'cpu'):.1f} s)")
+        print(f"wall ratio surgery / cp: {t_surgery / t_cp:7.2f}  (goal <= 1.5; without the CLI import: "
               f"{(t_surgery - t_import) / t_cp:.2f})")
+        rss = max(r["rss"] for r in surgeries)
         print(f"peak RSS / largest shard:{rss / largest:7.2f}  (goal <= 1.2; peak RSS {rss / 1e9:.2f} GB)")
     finally:
         shutil.rmtree(root, ignore_errors=True)

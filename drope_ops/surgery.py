@@ -7,9 +7,12 @@ What changes (paper Section 5 / C.1): the config becomes model_type "drope" (whi
 QK-norm kind and scope, logit scale 1.0, the original context C_train, the source's name and sha256),
 and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so each shard is
 rewritten at the byte level: a new safetensors header, the source's data block copied by the kernel
-(copy_file_range, as `cp` does), the new norm tensors appended. Peak memory is one hashing buffer
-(16 MiB, <= one shard), source and output are sha256-hashed on the way (one read of the source),
+(copy_file_range, as `cp` does), the new norm tensors appended. Peak memory is two hashing buffers
+(8 MiB each), source and output are sha256-hashed while the kernel copies (one read of the source),
 and DST appears atomically (temporary sibling, then rename) with its manifest written last.
+
+Neither torch nor transformers is imported to move the bytes: transformers (seconds to import) is
+loaded in a background thread while the shards copy, for the DroPE config written at the end.
 """
 
 from __future__ import annotations
@@ -19,16 +22,31 @@ import hashlib
 import json
 import os
 import shutil
+import struct
+import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Literal
 
-import torch
 from tqdm.auto import tqdm
 
 from drope_ops.errors import CheckpointError
 from drope_ops.manifest import build_manifest, manifest_digest, read_manifest, write_manifest
-from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES, DropeConfig
+
+if TYPE_CHECKING:
+    from drope_ops.modeling import DropeConfig
+
+# drope_ops.modeling's QkNorm / QkNormScope (modeling.py imports nothing from this project, and importing
+# it costs seconds of transformers: the CLI and the workflow specs take them from here);
+# tests/unit/test_surgery.py checks the two agree.
+QkNorm = Literal["none", "qk", "q"]
+"""QK-norm after dropping RoPE: none, on q and k (the paper), or on q only."""
+QkNormScope = Literal["full", "head"]
+"""full: RMSNorm over num_heads*head_dim (the paper); head: per-head RMSNorm (Qwen3)."""
+QK_NORM_CHOICES = typing.get_args(QkNorm)
+QK_NORM_SCOPES = typing.get_args(QkNormScope)
 
 # model_type -> q/k/v carry a bias (Qwen2); every type here is pre-norm Llama layout with RoPE.
 ROPE_LLAMA_TYPES = {"llama": False, "qwen2": True}
@@ -139,9 +157,9 @@ def layers_keeping_rope(num_layers: int, rope_layers=None, nope_every=None) -> l
     return layers
 
 
-def drope_config(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_layers: list[int],
-                 original_context: int | None, source_model: str, source_sha256: str) -> DropeConfig:
-    """The DroPE config for a RoPE Llama-family config dict (validated by constructing it)."""
+def drope_config_fields(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_layers: list[int],
+                        original_context: int | None, source_model: str, source_sha256: str) -> dict:
+    """The DroPE config's fields for a RoPE Llama-family config dict (checked here without transformers)."""
     if qk_norm not in QK_NORM_CHOICES:
         raise CheckpointError(f"qk_norm={qk_norm!r}: choose one of {', '.join(QK_NORM_CHOICES)}")
     if qk_norm_scope not in QK_NORM_SCOPES:
@@ -164,30 +182,56 @@ def drope_config(src_config: dict, *, qk_norm: str, qk_norm_scope: str, rope_lay
         qkv_bias=ROPE_LLAMA_TYPES[src_config["model_type"]], source_model=source_model,
         source_sha256=source_sha256, architectures=["DropeForCausalLM"], source_rope_parameters=scaling,
     )
+    return fields
+
+
+def drope_config(fields: dict) -> DropeConfig:
+    """The DroPE config from drope_config_fields (imports transformers; validated by constructing it)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    from drope_ops.modeling import DropeConfig
+
     try:
         return DropeConfig(**fields)
-    except (ValueError, TypeError) as e:
-        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({str(e).splitlines()[0]})")
-
-
-def norm_tensors(config: DropeConfig, layer: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """q_norm / k_norm weights of ones for one layer: full width (H*D) or per head (D)."""
-    head_dim = config.head_dim
-    full = config.qk_norm_scope == "full"
-    prefix = f"model.layers.{layer}.self_attn"
-    out = {}
-    if config.qk_norm in ("qk", "q"):
-        out[f"{prefix}.q_norm.weight"] = torch.ones(config.num_attention_heads * head_dim if full else head_dim, dtype=dtype)
-    if config.qk_norm == "qk":
-        out[f"{prefix}.k_norm.weight"] = torch.ones(config.num_key_value_heads * head_dim if full else head_dim, dtype=dtype)
-    return out
+    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: a field of the wrong type
+        why = " ".join(str(e).split())
+        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({why}); fix that field")
 
 
 # --- safetensors at the byte level: 8-byte little-endian header size N, N bytes of JSON header
 # {name: {dtype, shape, data_offsets: [begin, end]}} padded to 8 bytes, then the data block.
-_ST_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-_ST_NAMES = {v: k for k, v in _ST_DTYPES.items()}
-COPY_CHUNK = 16 << 20  # bytes per read: the surgery's whole working set
+_ONE = {"F64": struct.pack("<d", 1.0), "F32": struct.pack("<f", 1.0), "F16": b"\x00\x3c", "BF16": b"\x80\x3f"}
+COPY_CHUNK = 8 << 20  # bytes per read; two such buffers (16 MiB) are the surgery's whole working set
+
+
+@dataclass(frozen=True)
+class Ones:
+    """A 1-D weight of ones as safetensors stores it: what a fresh RMSNorm starts from."""
+
+    dtype: str  # safetensors dtype name: F64, F32, F16 or BF16
+    length: int
+
+    def tobytes(self) -> bytes:
+        return _ONE[self.dtype] * self.length
+
+
+def attention_widths(config: dict) -> tuple[int, int, int]:
+    """(num_attention_heads, num_key_value_heads, head_dim) of a config.json dict, as LlamaConfig derives them."""
+    heads = config["num_attention_heads"]
+    return heads, config.get("num_key_value_heads") or heads, config.get("head_dim") or config["hidden_size"] // heads
+
+
+def norm_weights(config: dict, layer: int, dtype: str) -> dict[str, Ones]:
+    """q_norm / k_norm weights of ones for one layer of a DroPE config dict: full width (H*D) or per head (D)."""
+    heads, kv_heads, head_dim = attention_widths(config)
+    full = config["qk_norm_scope"] == "full"
+    prefix = f"model.layers.{layer}.self_attn"
+    out = {}
+    if config["qk_norm"] in ("qk", "q"):
+        out[f"{prefix}.q_norm.weight"] = Ones(dtype, heads * head_dim if full else head_dim)
+    if config["qk_norm"] == "qk":
+        out[f"{prefix}.k_norm.weight"] = Ones(dtype, kv_heads * head_dim if full else head_dim)
+    return out
 
 
 def read_header(path: Path) -> tuple[dict, int]:
@@ -203,20 +247,20 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: corrupt safetensors header; re-download or re-save it")
 
 
-def torch_dtype(name: str, key: str) -> torch.dtype:
-    if name not in _ST_DTYPES:
+def float_dtype(name: str, key: str) -> str:
+    if name not in _ONE:
         raise CheckpointError(f"{key}: dtype {name} is not a float type; dequantize to F32/F16/BF16 first")
-    return _ST_DTYPES[name]
+    return name
 
 
-def _new_header(header: dict, added: dict[str, torch.Tensor]) -> tuple[bytes, int, bytes]:
+def _new_header(header: dict, added: dict[str, Ones]) -> tuple[bytes, int, bytes]:
     """(new header bytes incl. size prefix, source data length, appended tensor bytes)."""
     data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     new, blobs, offset = dict(header), [], data_len
     new.setdefault("__metadata__", {"format": "pt"})
     for name, t in added.items():
-        blob = t.contiguous().view(torch.uint8).numpy().tobytes()
-        new[name] = {"dtype": _ST_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        blob = t.tobytes()
+        new[name] = {"dtype": t.dtype, "shape": [t.length], "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
     text = json.dumps(new, separators=(",", ":")).encode()
@@ -242,18 +286,20 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int
             src_off, dst_off, count = src_off + len(data), dst_off + len(data), count - len(data)
 
 
-def rewrite_shards(files: list[Path], out_dir: Path, additions: dict[Path, dict[str, torch.Tensor]], *,
+def rewrite_shards(files: list[Path], out_dir: Path, additions: dict[Path, dict[str, Ones]], *,
                    progress: bool = True, desc: str = "rewrite") -> tuple[dict[str, str], dict[str, str]]:
     """Copy each shard to out_dir with its added tensors; return (source sha256s, output sha256s).
 
     Per shard: new header, then the data block copied by the kernel in a thread, then the appended
-    tensors. Meanwhile the main thread reads the source once through one COPY_CHUNK buffer and two
-    threads hash it into the source digest and the output digest (the output's data block is the
-    source's, byte for byte; hashlib releases the GIL), so hashing costs no extra pass over the output.
+    tensors. Meanwhile the main thread reads the source once, into one of two COPY_CHUNK buffers while
+    two threads hash the other into the source digest and the output digest (the output's data block
+    is the source's, byte for byte; hashlib and file reads release the GIL), so hashing costs no extra
+    pass over the output and reading overlaps hashing.
     """
     src_hashes, out_hashes = {}, {}
     total = sum(f.stat().st_size for f in files)
-    buf = memoryview(bytearray(min(COPY_CHUNK, max(f.stat().st_size for f in files))))
+    chunk = min(COPY_CHUNK, max(f.stat().st_size for f in files))
+    buffers = (memoryview(bytearray(chunk)), memoryview(bytearray(chunk)))
     with ThreadPoolExecutor(3) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
                                              disable=not progress) as bar:
         for f in files:
@@ -267,23 +313,32 @@ def rewrite_shards(files: list[Path], out_dir: Path, additions: dict[Path, dict[
                 copy = pool.submit(_copy_range, fi.fileno(), fo.fileno(), start, len(head), data_len)
                 h_src.update(os.pread(fi.fileno(), start, 0))
                 h_out.update(head)
-                offset, end = start, start + data_len
-                while offset < end:
-                    n = os.preadv(fi.fileno(), [buf[: min(len(buf), end - offset)]], offset)
-                    if not n:
-                        raise CheckpointError(f"{f}: ended early while hashing; re-download it")
-                    part = buf[:n]
-                    jobs = [pool.submit(h_src.update, part), pool.submit(h_out.update, part)]
-                    for job in jobs:
+                hashing = []  # the two jobs hashing the buffer not being read into
+                for k, offset in enumerate(range(start, start + data_len, chunk)):
+                    part = _read_into(fi.fileno(), buffers[k % 2][: min(chunk, start + data_len - offset)], offset, f)
+                    for job in hashing:
                         job.result()
-                    offset += n
-                    bar.update(n)
+                    hashing = [pool.submit(h_src.update, part), pool.submit(h_out.update, part)]
+                    bar.update(len(part))
+                for job in hashing:
+                    job.result()
                 copy.result()
                 os.pwrite(fo.fileno(), extra, len(head) + data_len)
                 h_out.update(extra)
             src_hashes[f.name], out_hashes[f.name] = h_src.hexdigest(), h_out.hexdigest()
             bar.update(start)
     return src_hashes, out_hashes
+
+
+def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> memoryview:
+    """Fill buf from fd at offset (pread until full)."""
+    done = 0
+    while done < len(buf):
+        n = os.preadv(fd, [buf[done:]], offset + done)
+        if not n:
+            raise CheckpointError(f"{path}: ended early while hashing; re-download it")
+        done += n
+    return buf
 
 
 @contextlib.contextmanager
@@ -342,17 +397,17 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
         raise CheckpointError(f"{src}: {problem}")
     files, index = weight_files(src)
     layers = layers_keeping_rope(src_config["num_hidden_layers"], rope_layers, nope_every)
-    probe = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
-                         original_context=original_context, source_model="", source_sha256="")
-
-    additions = qk_norm_additions(src, files, probe)
-    with atomic_directory(dst) as tmp:
+    name = source_name or src_config.get("_name_or_path") or src.name
+    fields = drope_config_fields(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
+                                 original_context=original_context, source_model=str(name), source_sha256="")
+    additions = qk_norm_additions(src, files, fields)
+    with ThreadPoolExecutor(1) as background, atomic_directory(dst) as tmp:
+        # transformers takes seconds to import: it loads, and checks the config, while the shards copy
+        probe = background.submit(drope_config, fields)
         src_hashes, out_hashes = rewrite_shards(
             files, tmp, additions, progress=progress, desc=f"drop-rope {src.name}")
-        name = source_name or src_config.get("_name_or_path") or src.name
-        config = drope_config(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
-                              original_context=original_context, source_model=str(name),
-                              source_sha256=source_digest(src, files, src_hashes))
+        probe.result()
+        config = drope_config({**fields, "source_sha256": source_digest(src, files, src_hashes)})
         config.to_json_file(tmp / "config.json", use_diff=False)
         if index is not None:
             write_index(tmp, index, additions)
@@ -361,16 +416,16 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
     return dst
 
 
-def qk_norm_additions(src: Path, files: list[Path], probe: DropeConfig) -> dict[Path, dict[str, torch.Tensor]]:
+def qk_norm_additions(src: Path, files: list[Path], fields: dict) -> dict[Path, dict[str, Ones]]:
     """The QK-norm weights each shard gains: a layer's norms go into the shard that holds its q_proj."""
     headers = {f: read_header(f) for f in files}
-    additions: dict[Path, dict[str, torch.Tensor]] = {f: {} for f in files}
-    for layer in range(probe.num_hidden_layers):
+    additions: dict[Path, dict[str, Ones]] = {f: {} for f in files}
+    for layer in range(fields["num_hidden_layers"]):
         key = f"model.layers.{layer}.self_attn.q_proj.weight"
         home = next((f for f in files if key in headers[f][0]), None)
         if home is None:
             raise CheckpointError(f"{src}: weights lack {key}; not a Llama-layout checkpoint")
-        norms = norm_tensors(probe, layer, torch_dtype(headers[home][0][key]["dtype"], key))
+        norms = norm_weights(fields, layer, float_dtype(headers[home][0][key]["dtype"], key))
         clash = [k for k in norms if any(k in h for h, _ in headers.values())]
         if clash:
             raise CheckpointError(f"{src}: already has {clash[0]}; start from a checkpoint without QK-norm")
@@ -390,12 +445,12 @@ def source_digest(src: Path, files: list[Path], src_hashes: dict[str, str]) -> s
     return manifest_digest(source_manifest)
 
 
-def write_index(dst: Path, index: dict, additions: dict[Path, dict[str, torch.Tensor]]) -> None:
+def write_index(dst: Path, index: dict, additions: dict[Path, dict[str, Ones]]) -> None:
     """The source's safetensors index with the added norms mapped to their shards and counted in total_size."""
     weight_map = dict(index["weight_map"])
     for f, added in additions.items():
         weight_map.update({k: f.name for k in added})
-    added_bytes = sum(t.numel() * t.element_size() for a in additions.values() for t in a.values())
+    added_bytes = sum(len(t.tobytes()) for a in additions.values() for t in a.values())
     meta = dict(index.get("metadata") or {})
     meta["total_size"] = int(meta.get("total_size", 0)) + added_bytes
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))

@@ -1,5 +1,10 @@
 """The drope CLI's cheap faces: help, presets, plan, and one-line errors for unknown commands."""
 
+import subprocess
+import sys
+
+import pytest
+
 from workflows.cli import main
 
 
@@ -34,3 +39,17 @@ def test_plan_estimates_tokens_and_gpu_hours(capsys):
 def test_plan_rejects_bad_override(capsys):
     assert main(["plan", "debug", "--set", "recalibrate.lr=-1"]) == 2
     assert "lr" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, not_loaded", [
+    (["drop-rope", "--help"], ("torch", "transformers")),  # transformers loads later, while the shards copy
+    (["presets"], ("transformers",)),
+    (["status", "--help"], ("transformers",)),
+])
+def test_commands_that_need_no_model_do_not_import_it(argv, not_loaded):
+    """A fresh interpreter: what `drope ARGV` leaves in sys.modules (seconds of import each)."""
+    code = (f"import sys\nfrom workflows.cli import main\ntry:\n    rc = main({argv!r})\n"
+            f"except SystemExit as e:  # --help\n    rc = e.code\n"
+            f"print(rc, [m for m in {not_loaded!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.splitlines()[-1] == "0 []", out[-300:]

@@ -101,6 +101,7 @@ def _no_config(path, src):
     ("no_config", "missing config.json"),
     ("layer_range", "rope_layers: layer 7 out of range"),
     ("dst_exists", "already exists"),
+    ("bad_field", "rms_norm_eps.*fix that field"),  # refused by DropeConfig, built while the shards copy
 ])
 def test_refusals_are_one_line_and_leave_nothing(debug_checkpoint, tmp_path, case, expected):
     src, kwargs = debug_checkpoint, {}
@@ -114,6 +115,10 @@ def test_refusals_are_one_line_and_leave_nothing(debug_checkpoint, tmp_path, cas
         src = _no_config(tmp_path / "nocfg", debug_checkpoint)
     elif case == "layer_range":
         kwargs = {"rope_layers": [0, 7]}
+    elif case == "bad_field":
+        src = shutil.copytree(debug_checkpoint, tmp_path / "bad")
+        (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                     "rms_norm_eps": "1e-5"}))
     dst = tmp_path / "out"
     if case == "dst_exists":
         dst.mkdir()
@@ -203,3 +208,9 @@ def test_drop_rope_stage_records_the_rope_scaling_it_removed(debug_checkpoint, y
     plain = stage.run(load_spec("debug"), SimpleNamespace(inputs={SOURCE: str(tmp_path / "plain")},
                                                           output=str(tmp_path / "out2")))
     assert (plain["removed_rope_scaling"], plain["removed_rope_factor"]) == ("none", 1.0)
+
+
+def test_surgery_qk_norm_choices_are_the_models():
+    from drope_ops import modeling, surgery
+
+    assert (surgery.QK_NORM_CHOICES, surgery.QK_NORM_SCOPES) == (modeling.QK_NORM_CHOICES, modeling.QK_NORM_SCOPES)

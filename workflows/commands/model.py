@@ -21,7 +21,7 @@ def _layer_list(text: str) -> list[int]:
 
 
 def main_drop_rope(argv: list[str]) -> int:
-    from drope_ops.modeling import QK_NORM_CHOICES, QK_NORM_SCOPES  # transformers: drop-rope writes a DropeConfig
+    from drope_ops.surgery import QK_NORM_CHOICES, QK_NORM_SCOPES, drop_rope  # no torch, no transformers yet
 
     p = Parser(prog="drope drop-rope", description="Drop RoPE from a Llama-family checkpoint and insert QK-norm.")
     p.add_argument("src", help="Hugging Face checkpoint directory (safetensors, single or sharded)")
@@ -36,8 +36,6 @@ def main_drop_rope(argv: list[str]) -> int:
                    help="context the model was pretrained at (default: config max_position_embeddings)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
-    from drope_ops.surgery import drop_rope
-
     out = drop_rope(a.src, a.dst, qk_norm=a.qk_norm, qk_norm_scope=a.qk_norm_scope, rope_layers=a.keep_rope_layers,
                     nope_every=a.nope_every, original_context=a.original_context, progress=not a.no_progress)
     print(out)

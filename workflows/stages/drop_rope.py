@@ -14,8 +14,7 @@ from pathlib import Path
 
 from drope_ops.choices import check_choices
 from drope_ops.errors import SpecError
-from drope_ops.modeling import QkNorm, QkNormScope
-from drope_ops.surgery import drop_rope
+from drope_ops.surgery import QkNorm, QkNormScope, drop_rope
 from workflows import stage_io
 from workflows.stage import SOURCE, Stage
 

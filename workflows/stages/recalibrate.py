@@ -45,6 +45,7 @@ import torch
 from drope_ops.choices import check_choices
 from drope_ops import storage
 from drope_ops.data import DataConfig, check_source, check_token_budget, make_sampler, resolve_seq_len
+from drope_ops.prefetch import Prefetcher
 from drope_ops.errors import CheckpointError, DropeError, SpecError
 from drope_ops.hardware import use_cpus
 from drope_ops.needle_data import inputs_and_labels
@@ -292,7 +293,8 @@ def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len
     model, zero3_config = zero_weights.load_model(ckpt_dir, ds_config, zero_weights.train_dtype(cfg.use_gpu))
     if cfg.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    sampler = make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world)
+    # the next batch is tokenized and packed in a thread while the current step runs
+    sampler = Prefetcher(make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg), config=ds_config)
     return Trainee(engine, optimizer, sampler, rank, world, ckpt_dir=str(ckpt_dir), tokenizer=tokenizer,
                    zero3_config=zero3_config)
@@ -332,7 +334,10 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
     for group in t.optimizer.param_groups:
         group["lr"] = lr_at(cfg, step)
     loss_sum = torch.zeros((), device=t.engine.device)
-    batch = t.sampler.next_batch().to(t.engine.device)  # (global_batch / world, seq_len)
+    t_data = time.perf_counter()
+    batch = t.sampler.next_batch()  # (global_batch / world, seq_len)
+    data_wait_s = time.perf_counter() - t_data  # ~0 while the prefetch thread keeps up
+    batch = batch.to(t.engine.device)
     for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
         input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
         loss = t.engine(input_ids=input_ids, labels=labels).loss
@@ -347,7 +352,7 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
                "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
                "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
                "tokens_seen": float(done * tokens_per_step), "epoch": float(getattr(t.sampler, "epoch", 0)),
-               "step": done}
+               "data_wait_s": data_wait_s, "step": done}
     return metrics, input_ids
 
 
@@ -417,7 +422,7 @@ def train_func(config: dict) -> None:
     """The loop of one worker: build, restore, then step, guard, log, checkpoint until the end."""
     import ray.train
 
-    cfg, sink = config["cfg"], config["metrics_sink"]
+    cfg = config["cfg"]
     ctx = ray.train.get_context()
     t = build(cfg, config["data"], config["checkpoint"], config["seq_len"], ctx.get_world_rank(),
               ctx.get_world_size())
@@ -426,6 +431,15 @@ def train_func(config: dict) -> None:
     # where this launch went on from, for the driver: the newest checkpoint directory in storage can
     # be one a killed launch was still writing
     report = {"launch": config["launch"], "resumed_from": t.start}
+    try:
+        _train_steps(t, cfg, config, tokens_per_step, report)
+    finally:
+        t.sampler.close()  # the prefetch thread
+
+
+def _train_steps(t: Trainee, cfg: RecalibrateConfig, config: dict, tokens_per_step: int, report: dict) -> None:
+    """Step, guard, log and checkpoint from t.start to the end (or stop_after_step), then finish."""
+    sink = config["metrics_sink"]
     for step in range(t.start, cfg.steps):
         done = step + 1
         metrics, input_ids = train_step(t, cfg, step, tokens_per_step)
@@ -441,6 +455,7 @@ def train_func(config: dict) -> None:
             save(t, done, metrics, report, probe_logits(t, input_ids) if done == cfg.steps else None)
         if done == cfg.stop_after_step:
             return
+    t.sampler.close()  # no batch is made while finish saves the tokenizer
     finish(t, cfg, config["output"])  # also after a restart that restored the last step's checkpoint
 
 
