@@ -94,6 +94,9 @@ class RecalibrateConfig:
     """Keep optimizer states in CPU memory (ZeRO-Offload)."""
     offload_params: bool = False
     """Keep parameters in CPU memory (ZeRO-3 only)."""
+    zero_settings: dict = field(default_factory=dict)
+    """DeepSpeed `zero_optimization` keys set over drope's per-device defaults (see deepspeed_config),
+    e.g. {"overlap_comm": false, "reduce_bucket_size": 50000000}; the stage and offload have fields."""
     lr: float = 1e-3
     """Peak learning rate (paper: 1e-3 with QK-norm, 3e-4 without)."""
     warmup_steps: int = 2
@@ -152,6 +155,12 @@ class RecalibrateConfig:
                             f"micro_batch = {self.num_workers * self.micro_batch}; pick a multiple of it")
         if not self.lr > 0:
             raise SpecError(f"recalibrate.lr={self.lr} must be > 0 (paper: 1e-3 with QK-norm)")
+        if not isinstance(self.zero_settings, dict):
+            raise SpecError(f"recalibrate.zero_settings={self.zero_settings!r} must be a mapping of DeepSpeed "
+                            f"zero_optimization keys, e.g. {{overlap_comm: false}}")
+        if owned := sorted({"stage", "offload_optimizer", "offload_param"} & set(self.zero_settings)):
+            raise SpecError(f"recalibrate.zero_settings sets {owned[0]!r}; use recalibrate.zero_stage / "
+                            f"offload_optimizer / offload_params instead")
         if self.offload_params and self.zero_stage != 3:
             raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
         if not 0 <= self.warmup_steps < self.steps:
@@ -201,8 +210,16 @@ def lr_at(cfg: RecalibrateConfig, step: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
+# ZeRO settings per device, within the stage the user chose (the stage changes memory, not only speed).
+# Measured by benchmarks/zero_settings.py (README "Speed against the alternatives"): TODO
+ZERO_DEFAULTS = {
+    "cpu": {},
+    "gpu": {},
+}
+
+
 def deepspeed_config(cfg: RecalibrateConfig, world_size: int) -> dict:
-    zero: dict = {"stage": cfg.zero_stage}
+    zero: dict = {"stage": cfg.zero_stage, **ZERO_DEFAULTS["gpu" if cfg.use_gpu else "cpu"], **cfg.zero_settings}
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
     if cfg.offload_params:
