@@ -40,11 +40,8 @@ SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
     ("ZeRO-2 overlap_comm", 2, {**DS_DEFAULTS, "overlap_comm": True}),
     ("ZeRO-2 overlap_comm, contiguous_gradients off", 2,
      {**DS_DEFAULTS, "overlap_comm": True, "contiguous_gradients": False}),
-    ("ZeRO-2 overlap_comm, buckets 5e7", 2,
-     {**DS_DEFAULTS, "overlap_comm": True, "reduce_bucket_size": 50_000_000, "allgather_bucket_size": 50_000_000}),
-    ("ZeRO-2 overlap_comm, buckets 2e9", 2,
-     {**DS_DEFAULTS, "overlap_comm": True, "reduce_bucket_size": 2_000_000_000,
-      "allgather_bucket_size": 2_000_000_000}),
+    ("ZeRO-2 overlap_comm, buckets 5e6", 2,  # smaller than the 512 x 6 model: several reduces per backward
+     {**DS_DEFAULTS, "overlap_comm": True, "reduce_bucket_size": 5_000_000, "allgather_bucket_size": 5_000_000}),
     ("ZeRO-2 reduce_scatter off (all-reduce)", 2, {**DS_DEFAULTS, "reduce_scatter": False}),
     ("ZeRO-1 DeepSpeed defaults", 1, DS_DEFAULTS),
     ("ZeRO-1 overlap_comm", 1, {**DS_DEFAULTS, "overlap_comm": True}),

@@ -542,7 +542,21 @@ def validate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str) -> int:
     check_source(data)  # a wrong data.source / data.text_field fails here, not in every Ray Train worker
     # a source too small for the schedule (with data.max_epochs forbidding more passes) fails here too
     check_token_budget(data, steps=cfg.steps, global_batch=cfg.global_batch, seq_len=seq_len)
+    check_zero_settings(cfg)
     return seq_len
+
+
+def check_zero_settings(cfg: RecalibrateConfig) -> None:
+    """A misspelt or mistyped recalibrate.zero_settings key fails here, against DeepSpeed's own schema."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+    from pydantic import ValidationError
+
+    try:
+        DeepSpeedZeroConfig(**deepspeed_config(cfg, 1)["zero_optimization"])
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise SpecError(f"recalibrate.zero_settings.{'.'.join(map(str, err['loc']))}: {err['msg']}; see "
+                        f"DeepSpeed's zero_optimization keys (deepspeed.ai/docs/config-json)") from None
 
 
 def _worker_error(e: Exception) -> DropeError | None:
