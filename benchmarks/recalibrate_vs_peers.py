@@ -1,7 +1,7 @@
 """drope's recalibration against the alternatives a user would pick instead, same model and tokens, one run.
 
     .venv/bin/python benchmarks/recalibrate_vs_peers.py                                     # debug shape
-    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512   # ~8 min, 2 cores
+    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512   # ~7 min, 2 cores
 
 Four ways to run the same training (model, tokens per step, micro batch, accumulation, AdamW, clipping,
 steps), each its own process(es):
@@ -14,7 +14,8 @@ steps), each its own process(es):
   DDP       a plain torchrun script: DistributedDataParallel over gloo, no_sync() on all but the last
             micro-batch of a step (one gradient all-reduce per step)
   bare      one process, --workers threads, no communication at all (recalibrate_step_time.bare_loop)
-Prints each one's median step time (after --skip warm-up steps), the ratios (goals: drope / HF <= 1.0,
+All four run twice, the second pass in reverse order (a drift of the box's load then favours no one).
+Prints each one's median step time (after --skip warm-up steps of each pass), the ratios (goals: drope / HF <= 1.0,
 drope / bare <= 1.10) and each one's start-up: wall time from launch to exit minus its steps (process
 or Ray start, model load, and the final save: drope's checkpoint + safetensors export, HF's
 save_model, DDP's save_pretrained).
@@ -123,6 +124,12 @@ def hf_worker(args) -> list[float]:
     return clock.times
 
 
+def timed(fn) -> tuple[list[float], float]:
+    t0 = time.perf_counter()
+    times = fn()
+    return times, time.perf_counter() - t0
+
+
 def torchrun(args, role: str, ckpt: str, blocks: str, out: str) -> tuple[list[float], float]:
     """Launch `role` on --workers torchrun processes (1 thread each): (rank 0's step seconds, wall)."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.workers}",
@@ -176,21 +183,27 @@ def main() -> None:
           f"ranks (1 thread each); {args.steps} steps, median after {args.skip}; "
           f"load average {os.getloadavg()[0]:.2f}", flush=True)
 
-    runs = {}  # name: (step seconds, wall seconds from launch to exit)
-    t0 = time.perf_counter()
-    bare = bare_loop(ckpt, blocks, cfg, threads=args.workers)
-    runs["bare (1 process)"] = bare, time.perf_counter() - t0
-    runs[f"drope (Ray + ZeRO-{args.zero_stage})"] = ray_recalibrate(ckpt, data, cfg, tmp, tokens)
     hf_name = "HF Trainer + DeepSpeed (torchrun)" if args.hf_deepspeed else "HF Trainer + DDP gloo (torchrun)"
-    runs[hf_name] = torchrun(args, "hf", ckpt, f"{tmp}/blocks.pt", f"{tmp}/hf.json")
-    runs["torchrun + DDP (no_sync)"] = torchrun(args, "ddp", ckpt, f"{tmp}/blocks.pt", f"{tmp}/ddp.json")
-
-    med = {name: statistics.median(times[args.skip:]) for name, (times, _) in runs.items()}
-    print("\n| run | median step | tokens / s | start-up + save |\n|---|---|---|---|")
-    for name, (times, wall) in runs.items():
-        print(f"| {name} | {med[name] * 1e3:.0f} ms | {tokens / med[name]:.0f} | {wall - sum(times):.1f} s |")
-    drope, (hf, ddp, bare) = list(med.values())[1], (med[hf_name], med["torchrun + DDP (no_sync)"],
-                                                     med["bare (1 process)"])
+    launch = {
+        "bare (1 process)": lambda: timed(lambda: bare_loop(ckpt, blocks, cfg, threads=args.workers)),
+        f"drope (Ray + ZeRO-{args.zero_stage})": lambda: ray_recalibrate(ckpt, data, cfg, tempfile.mkdtemp(dir=tmp), tokens),
+        hf_name: lambda: torchrun(args, "hf", ckpt, f"{tmp}/blocks.pt", f"{tmp}/hf.json"),
+        "torchrun + DDP (no_sync)": lambda: torchrun(args, "ddp", ckpt, f"{tmp}/blocks.pt", f"{tmp}/ddp.json"),
+    }
+    # two passes, the second in reverse order, so a drift of the box's load does not favour one side
+    runs = {name: [] for name in launch}  # name: [(step seconds, wall seconds from launch to exit)] per pass
+    for order in (list(launch), list(launch)[::-1]):
+        for name in order:
+            runs[name].append(launch[name]())
+    steady = {name: [t for times, _ in passes for t in times[args.skip:]] for name, passes in runs.items()}
+    med = {name: statistics.median(t) for name, t in steady.items()}
+    print("\n| run | median step | tokens / s | median step, pass 1 / pass 2 | start-up + save (mean) |\n"
+          "|---|---|---|---|---|")
+    for name, passes in runs.items():
+        per_pass = " / ".join(f"{statistics.median(times[args.skip:]) * 1e3:.0f}" for times, _ in passes)
+        startup = statistics.mean(wall - sum(times) for times, wall in passes)
+        print(f"| {name} | {med[name] * 1e3:.0f} ms | {tokens / med[name]:.0f} | {per_pass} ms | {startup:.1f} s |")
+    bare, drope, hf, ddp = (med[n] for n in launch)
     print(f"\ndrope / HF Trainer: {drope / hf:.3f} (goal <= 1.0)   drope / DDP: {drope / ddp:.3f}   "
           f"drope / bare: {drope / bare:.3f} (goal <= 1.10)   HF / bare: {hf / bare:.3f}   DDP / bare: {ddp / bare:.3f}")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")

@@ -6,9 +6,9 @@
 One torchrun job of --workers CPU processes (gloo, 1 thread each, as drope places its Ray Train
 workers) builds drope's own DeepSpeed engine (workflows/stages/recalibrate.build, so deepspeed_config
 and train_step are the ones a run uses) once per setting and times train_step. The table gives each
-setting's median step time (after --skip warm-up steps) and its ratio to a bare single-process loop
-(same model, AdamW, tokens per step and accumulation, --workers threads) measured in the same run. The
-first setting is repeated at the end: the gap between the two rows is the run's drift.
+setting's median step time (after --skip warm-up steps), its ratio to the first row (DeepSpeed's own
+defaults; paired: every step runs all settings back to back) and to a bare single-process loop (same
+model, AdamW, tokens per step and accumulation, --workers threads) measured just before.
 
 ZeRO-2 keeps only its partition of the gradients, so it reduce-scatters after every micro-batch;
 ZeRO-1 keeps whole gradients and reduces once, at the accumulation boundary.
@@ -17,7 +17,6 @@ ZeRO-1 keeps whole gradients and reduces once, at the accumulation boundary.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import statistics
@@ -45,7 +44,6 @@ SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
     ("ZeRO-2 reduce_scatter off (all-reduce)", 2, {**DS_DEFAULTS, "reduce_scatter": False}),
     ("ZeRO-1 DeepSpeed defaults", 1, DS_DEFAULTS),
     ("ZeRO-1 overlap_comm", 1, {**DS_DEFAULTS, "overlap_comm": True}),
-    ("ZeRO-2 DeepSpeed defaults (again)", 2, DS_DEFAULTS),
 ]
 
 
@@ -58,7 +56,8 @@ def bench_config(args, stage: int, zero: dict):
 
 
 def worker(args) -> None:
-    """One rank under torchrun: every setting in turn on the same process group."""
+    """One rank under torchrun: an engine per setting, side by side; each step runs every setting in turn,
+    so a change of load on the box hits all settings alike (the ratios between rows are paired)."""
     from drope_ops.data import DataConfig
     from workflows.stages.recalibrate import build, train_step
 
@@ -66,18 +65,16 @@ def worker(args) -> None:
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     data = DataConfig(source="shakespeare", seq_len=args.seq,
                       max_tokens=(args.steps + 2) * args.global_batch * args.seq)
-    rows = []
-    for name, stage, zero in SETTINGS:
-        cfg = bench_config(args, stage, zero)
-        t = build(cfg, data, args.ckpt, args.seq, rank, world)
-        times = [args.global_batch * args.seq / train_step(t, cfg, s, args.global_batch * args.seq)[0]["tokens_per_s"]
-                 for s in range(args.steps)]
-        rows.append({"name": name, "times": times})
-        del t
-        gc.collect()
+    tokens = args.global_batch * args.seq
+    runs = [(name, cfg, build(cfg, data, args.ckpt, args.seq, rank, world))
+            for name, stage, zero in SETTINGS for cfg in [bench_config(args, stage, zero)]]
+    times = {name: [] for name, _, _ in runs}
+    for step in range(args.steps):
+        for name, cfg, t in runs:
+            times[name].append(tokens / train_step(t, cfg, step, tokens)[0]["tokens_per_s"])
     if rank == 0:
         with open(args.out, "w") as f:
-            json.dump(rows, f)
+            json.dump(times, f)
     torch.distributed.destroy_process_group()
 
 
@@ -119,11 +116,12 @@ def main() -> None:
            __file__, "--worker", "--ckpt", ckpt, "--out", out, *sys.argv[1:]]
     subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, stdout=subprocess.DEVNULL)
     with open(out) as f:
-        rows = json.load(f)
-    print(f"\n| setting | median step | / bare loop ({bare * 1e3:.0f} ms) |\n|---|---|---|")
-    for row in rows:
-        med = statistics.median(row["times"][args.skip:])
-        print(f"| {row['name']} | {med * 1e3:.0f} ms | {med / bare:.3f} |")
+        times = json.load(f)
+    med = {name: statistics.median(t[args.skip:]) for name, t in times.items()}
+    first = med[SETTINGS[0][0]]
+    print(f"\n| setting | median step | / {SETTINGS[0][0]} | / bare loop ({bare * 1e3:.0f} ms) |\n|---|---|---|---|")
+    for name, m in med.items():
+        print(f"| {name} | {m * 1e3:.0f} ms | {m / first:.3f} | {m / bare:.3f} |")
     print(f"\nload average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
