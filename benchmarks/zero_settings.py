@@ -64,7 +64,7 @@ def worker(args) -> None:
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     data = DataConfig(source="shakespeare", seq_len=args.seq,
-                      max_tokens=(args.steps + 2) * args.global_batch * args.seq)
+                      max_tokens=(args.steps + 4) * args.global_batch * args.seq)
     tokens = args.global_batch * args.seq
     runs = [(name, cfg, build(cfg, data, args.ckpt, args.seq, rank, world))
             for name, stage, zero in SETTINGS for cfg in [bench_config(args, stage, zero)]]
@@ -75,6 +75,14 @@ def worker(args) -> None:
     if rank == 0:
         with open(args.out, "w") as f:
             json.dump(times, f)
+    if args.profile:  # where a step of the first setting goes: compute against gloo collectives
+        name, cfg, t = runs[0]
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            for step in range(args.steps, args.steps + 2):
+                train_step(t, cfg, step, tokens)
+        if rank == 0:
+            print(f"profile of 2 steps, {name}, rank 0:", file=sys.stderr)
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), file=sys.stderr)
     torch.distributed.destroy_process_group()
 
 
@@ -88,6 +96,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="print the top ops of 2 more steps of the first setting")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
     p.add_argument("--out", help=argparse.SUPPRESS)
