@@ -210,11 +210,18 @@ def lr_at(cfg: RecalibrateConfig, step: int) -> float:
     return floor + 0.5 * (cfg.lr - floor) * (1 + math.cos(math.pi * progress))
 
 
-# ZeRO settings per device, within the stage the user chose (the stage changes memory, not only speed).
-# Measured by benchmarks/zero_settings.py (README "Speed against the alternatives"): TODO
+# ZeRO settings per device, within the stage the user chose (the stage trades memory, not only speed);
+# recalibrate.zero_settings overrides them key by key.
+# GPU: overlap_comm reduces on a side CUDA stream during backward, contiguous_gradients avoids
+#   fragmentation, and 2e8-element buckets bound overlap_comm's buffers (~4.5 x bucket size) to ~1.8 GB
+#   of bf16: the settings of HF's ZeRO-2 example config and Lightning's DeepSpeedStrategy (no GPU here to
+#   measure them).
+# CPU: DeepSpeed's defaults. benchmarks/zero_settings.py (README "Speed against the alternatives"):
+#   CPU_TODO
 ZERO_DEFAULTS = {
     "cpu": {},
-    "gpu": {},
+    "gpu": {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 200_000_000,
+            "allgather_bucket_size": 200_000_000},
 }
 
 
