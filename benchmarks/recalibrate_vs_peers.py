@@ -5,7 +5,7 @@
 
 Four ways to run the same training (model, tokens per step, micro batch, accumulation, AdamW, clipping,
 steps), each its own process(es):
-  drope     recalibrate(): Ray Train + DeepSpeed (drope's deepspeed_config, ZeRO --zero-stage) on --workers
+  drope     recalibrate(): Ray Train + DeepSpeed (drope's deepspeed_config, each ZeRO --zero-stage) on --workers
             CPU workers (gloo, 1 thread each)
   HF        transformers Trainer, the official DroPE recipe's trainer, launched with torchrun on --workers
             CPU processes. On CPU, accelerate (pinned 1.16.0) takes TrainingArguments(use_cpu=True) as
@@ -41,11 +41,11 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def bench_config(args):
+def bench_config(args, zero_stage: int = 2):
     from workflows.stages.recalibrate import RecalibrateConfig
 
     return RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                             num_workers=args.workers, zero_stage=args.zero_stage, checkpoint_every=args.steps,
+                             num_workers=args.workers, zero_stage=zero_stage, checkpoint_every=args.steps,
                              max_failures=0, lr=1e-3, warmup_steps=1, loss_spike_factor=None)
 
 
@@ -82,6 +82,7 @@ def ddp_worker(args) -> list[float]:
         times.append(time.perf_counter() - t0)
     if rank == 0:
         model.save_pretrained(f"{args.out}.model")
+    leave_group()
     return times
 
 
@@ -109,19 +110,29 @@ def hf_worker(args) -> list[float]:
     rows = torch.cat([step_rows(blocks, cfg, step, 0, 1) for step in range(cfg.steps)])
     data = [{"input_ids": row, "labels": row} for row in rows]
     model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32)
-    ds = {"deepspeed": deepspeed_config(cfg, world)} if args.hf_deepspeed else {"use_cpu": True}
+    # the official recipe's DeepSpeed configs leave the batch keys to the Trainer ("auto")
+    auto = {"train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto"}
+    ds = {"deepspeed": {**deepspeed_config(cfg, world), **auto}} if args.hf_deepspeed else {"use_cpu": True}
     targs = TrainingArguments(
         output_dir=f"{args.out}.trainer", per_device_train_batch_size=cfg.micro_batch,
         gradient_accumulation_steps=cfg.global_batch // (world * cfg.micro_batch), max_steps=cfg.steps,
         learning_rate=cfg.lr, warmup_steps=cfg.warmup_steps, lr_scheduler_type="cosine", optim="adamw_torch",
         adam_beta1=cfg.betas[0], adam_beta2=cfg.betas[1], adam_epsilon=1e-8, weight_decay=cfg.weight_decay,
-        max_grad_norm=cfg.grad_clip, ddp_backend="gloo", save_strategy="no", logging_strategy="no",
+        max_grad_norm=cfg.grad_clip, ddp_backend="gloo", ddp_find_unused_parameters=False,  # none unused
+        save_strategy="no", logging_strategy="no",
         report_to=[], disable_tqdm=True, dataloader_num_workers=0, seed=cfg.seed, **ds)
     clock = StepClock()
     trainer = Trainer(model=model, args=targs, train_dataset=data, callbacks=[clock])
     trainer.train()
     trainer.save_model(f"{args.out}.model")
+    leave_group()
     return clock.times
+
+
+def leave_group() -> None:
+    """Every rank done before any exits (a rank leaving gloo mid-teardown aborts its peer)."""
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
 
 
 def timed(fn) -> tuple[list[float], float]:
@@ -151,7 +162,7 @@ def main() -> None:
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
-    p.add_argument("--zero-stage", type=int, default=2, choices=[1, 2])
+    p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[1, 2], help="one drope row each")
     p.add_argument("--hf-deepspeed", action="store_true", help="HF Trainer with a DeepSpeed config instead of use_cpu")
     p.add_argument("--role", choices=["hf", "ddp"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -186,7 +197,9 @@ def main() -> None:
     hf_name = "HF Trainer + DeepSpeed (torchrun)" if args.hf_deepspeed else "HF Trainer + DDP gloo (torchrun)"
     launch = {
         "bare (1 process)": lambda: timed(lambda: bare_loop(ckpt, blocks, cfg, threads=args.workers)),
-        f"drope (Ray + ZeRO-{args.zero_stage})": lambda: ray_recalibrate(ckpt, data, cfg, tempfile.mkdtemp(dir=tmp), tokens),
+        **{f"drope (Ray + ZeRO-{z})": lambda z=z: ray_recalibrate(ckpt, data, bench_config(args, z),
+                                                                  tempfile.mkdtemp(dir=tmp), tokens)
+           for z in args.zero_stage},
         hf_name: lambda: torchrun(args, "hf", ckpt, f"{tmp}/blocks.pt", f"{tmp}/hf.json"),
         "torchrun + DDP (no_sync)": lambda: torchrun(args, "ddp", ckpt, f"{tmp}/blocks.pt", f"{tmp}/ddp.json"),
     }
@@ -203,9 +216,12 @@ def main() -> None:
         per_pass = " / ".join(f"{statistics.median(times[args.skip:]) * 1e3:.0f}" for times, _ in passes)
         startup = statistics.mean(wall - sum(times) for times, wall in passes)
         print(f"| {name} | {med[name] * 1e3:.0f} ms | {tokens / med[name]:.0f} | {per_pass} ms | {startup:.1f} s |")
-    bare, drope, hf, ddp = (med[n] for n in launch)
-    print(f"\ndrope / HF Trainer: {drope / hf:.3f} (goal <= 1.0)   drope / DDP: {drope / ddp:.3f}   "
-          f"drope / bare: {drope / bare:.3f} (goal <= 1.10)   HF / bare: {hf / bare:.3f}   DDP / bare: {ddp / bare:.3f}")
+    bare, hf, ddp = med["bare (1 process)"], med[hf_name], med["torchrun + DDP (no_sync)"]
+    print(f"\nHF / bare: {hf / bare:.3f}   DDP / bare: {ddp / bare:.3f}")
+    for z in args.zero_stage:
+        drope = med[f"drope (Ray + ZeRO-{z})"]
+        print(f"drope ZeRO-{z} / HF Trainer: {drope / hf:.3f} (goal <= 1.0)   / DDP: {drope / ddp:.3f}   "
+              f"/ bare: {drope / bare:.3f} (goal <= 1.10)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 
 
