@@ -1,7 +1,7 @@
 """drope's recalibration against the alternatives a user would pick instead, same model and tokens, one run.
 
-    .venv/bin/python benchmarks/recalibrate_vs_peers.py                                     # debug shape
-    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512   # ~7 min, 2 cores
+    .venv/bin/python benchmarks/recalibrate_vs_peers.py --zero-stage 2 1                    # debug shape, ~2.5 min
+    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512   # ~4 min on 2 cores
 
 Four ways to run the same training (model, tokens per step, micro batch, accumulation, AdamW, clipping,
 steps), each its own process(es):
