@@ -67,7 +67,7 @@ UI_STATE = {"mlflow.assistant.fab.autoOpenedOnFirstLoad_v1": "true", "mlflow.ass
 """MLflow UI settings in localStorage: assistant panel closed, model-training view, child runs shown."""
 
 
-def shoot(url: str, out: Path, width: int = 1600, height: int = 1000, wait_s: float = 12) -> Path:
+def shoot(url: str, out: Path, width: int = 1600, height: int = 1000, wait_s: float = 12, then: str = "") -> Path:
     """One headless Chromium screenshot of `url`, taken over the DevTools protocol so that UI_STATE is in
     localStorage before the page's own scripts run (bounded: 120 s)."""
     chromium = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -79,7 +79,7 @@ def shoot(url: str, out: Path, width: int = 1600, height: int = 1000, wait_s: fl
                                  f"--remote-debugging-port={port}", "about:blank"],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
-            png = asyncio.run(asyncio.wait_for(_capture(port, url, width, height, wait_s), timeout=120))
+            png = asyncio.run(asyncio.wait_for(_capture(port, url, width, height, wait_s, then), timeout=120))
         finally:
             proc.terminate()
             proc.wait(timeout=15)
@@ -88,7 +88,7 @@ def shoot(url: str, out: Path, width: int = 1600, height: int = 1000, wait_s: fl
     return out
 
 
-async def _capture(port: int, url: str, width: int, height: int, wait_s: float) -> bytes:
+async def _capture(port: int, url: str, width: int, height: int, wait_s: float, then: str) -> bytes:
     import aiohttp
 
     async with aiohttp.ClientSession() as session:
@@ -116,7 +116,40 @@ async def _capture(port: int, url: str, width: int, height: int, wait_s: float) 
             await call("Emulation.setDeviceMetricsOverride", width=width, height=height, deviceScaleFactor=1, mobile=False)
             await call("Page.navigate", url=url)
             await asyncio.sleep(wait_s)  # the UI fetches runs and draws charts after load
+            if then:  # a script that changes the page's persisted state, then a reload that reads it
+                await call("Runtime.evaluate", expression=then)
+                await call("Page.reload")
+                await asyncio.sleep(wait_s)
             return base64.b64decode((await call("Page.captureScreenshot", format="png"))["data"])
+
+
+def show_columns(experiment_id: str, columns: list[str]) -> str:
+    """Script for `shoot(then=...)`: the runs list's persisted UI state (localStorage, MLflow 3's
+    `MLflowLocalStorage-1.1-ExperimentPage-<id>-ReactComponentState`) with these metric columns shown."""
+    cols = json.dumps([f"metrics.`{c}`" for c in columns])
+    return f"""(() => {{
+      const keys = Object.keys(localStorage).filter(k => k.includes("ExperimentPage") && k.endsWith("ReactComponentState"));
+      const targets = keys.length ? keys : ["MLflowLocalStorage-1.1-ExperimentPage-{experiment_id}-ReactComponentState"];
+      for (const k of targets) {{
+        let state = {{}};
+        try {{ state = JSON.parse(localStorage.getItem(k) || "{{}}"); }} catch (e) {{}}
+        state.selectedColumns = ["attributes.`Models`", ...{cols}];
+        state.columnWidths = Object.fromEntries({cols}.map(c => [c, 230]));
+        localStorage.setItem(k, JSON.stringify(state));
+      }}
+      return targets;
+    }})()"""
+
+
+def headline_columns(keys: set[str], variants=("drope", "rope", "yarn")) -> list[str]:
+    """The runs list's columns: per variant, perplexity at 1x and at the largest factor, NIAH there."""
+    factors = sorted({float(k.split("_x")[1].split("/")[0]) for k in keys if k.startswith("headline/perplexity_x")})
+    if not factors:
+        return sorted(k for k in keys if k.startswith("headline/"))
+    x = lambda f: f"{f:g}"  # noqa: E731
+    want = [f"headline/{m}/{v}" for m in (f"perplexity_x{x(factors[0])}", f"perplexity_x{x(factors[-1])}",
+                                           f"niah_mean_x{x(factors[-1])}") for v in variants]
+    return [k for k in want if k in keys]
 
 
 def metric_page(base: str, experiment_id: str, run_ids: list[str], keys: list[str]) -> str:
@@ -160,7 +193,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         exp_id, parents, evaluates, model_id = pick(MlflowClient(base), args.experiment, args.runs)
         args.out.mkdir(parents=True, exist_ok=True)
-        shoot(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning", args.out / "runs.png")
+        client = MlflowClient(base)
+        headline = headline_columns({k for i in parents for k in client.get_run(i).data.metrics})
+        shoot(f"{base}/#/experiments/{exp_id}/runs?workflowType=machine_learning", args.out / "runs.png",
+              width=2200, then=show_columns(exp_id, headline))
         for task, name in (("niah_single_1", "niah.png"), ("perplexity", "perplexity.png")):
             if keys := keys_of(evaluates, task):
                 shoot(metric_page(base, exp_id, [r.info.run_id for r in evaluates], keys), args.out / name)

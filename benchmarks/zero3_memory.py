@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/zero3_memory.py --layers 4            # the issue's size (needs ~20 GB)
     .venv/bin/python benchmarks/zero3_memory.py --layers 1 --shard-mb 500
+    .venv/bin/python benchmarks/zero3_memory.py --layers 4 --load-only    # the load phase alone (~10 GB)
 
 A random Llama model 7B-wide (hidden 4096, ffn 11008, 32 heads, vocab 32000; --layers deep) is saved in
 bf16 (as Llama-2 ships), made a DroPE checkpoint, then recalibrated --steps steps at --seq tokens with
@@ -93,6 +94,21 @@ def build_today(cfg, data, ckpt, seq_len, rank, world):
     return Trainee(engine, optimizer, sampler, rank, world, ckpt_dir=str(ckpt), tokenizer=tokenizer)
 
 
+def load_alone(route, cfg, ckpt):
+    """Each route's model load and nothing after it (no engine, no optimizer states): the load phase at a
+    size whose optimizer states do not fit the box. Returns what must stay alive until the barrier."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    import drope_ops  # noqa: F401
+    from workflows.stages.recalibrate import deepspeed_config
+    from workflows.zero_weights import load_model
+
+    if route == "new":
+        return load_model(ckpt, deepspeed_config(cfg, 2), torch.float32)
+    return AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
+
+
 def worker(route, rank, port, ckpt, out, args, phase, result_file):
     """One rank: load the model (phase load), build the DeepSpeed engine and its optimizer partitions
     (engine), step, write; the parent samples this pid's memory per phase."""
@@ -116,6 +132,13 @@ def worker(route, rank, port, ckpt, out, args, phase, result_file):
     cfg, data = _config(args), DataConfig(source="shakespeare", seq_len=args.seq, max_tokens=200_000)
     torch.distributed.barrier()
     phase.value = PHASES.index("load")
+    if args.load_only:
+        loaded = load_alone(route, cfg, str(ckpt))  # noqa: F841  (held until every rank has loaded)
+        torch.distributed.barrier()
+        phase.value = PHASES.index("done")
+        Path(result_file).write_text(json.dumps({"step_s": []}))
+        torch.distributed.destroy_process_group()
+        return
     t = (build if route == "new" else build_today)(cfg, data, str(ckpt), args.seq, rank, 2)
     torch.distributed.barrier()
     phase.value = PHASES.index("step")
@@ -188,6 +211,8 @@ def run_route(route, ckpt, root, args):
         p.start()
     peaks = watch(list(zip(procs, phases)), args.timeout)
     res = {"workers": peaks, "step_s": json.loads((root / f"{route}-0.json").read_text())["step_s"]}
+    if args.load_only:
+        return res
     if route == "today":
         res["downloaded"] = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
         final, phase = root / "final-today", ctx.Value("i", 0)
@@ -219,15 +244,36 @@ def compare(today: Path, new: Path) -> float:
     return max(float((a[k].to(b[k].dtype).float() - b[k].float()).abs().max()) for k in a)
 
 
-def report(today, new, full_fp32, args) -> None:
-    g = lambda b: f"{b / GB:6.2f} GB"  # noqa: E731
+def _gb(b: float) -> str:
+    return f"{b / GB:6.2f} GB"
+
+
+def _load_growth(res, r: int) -> int:
+    """Rank r's anonymous RSS growth while loading the model."""
+    return res["workers"][r]["load"][1] - res["workers"][r]["load"][3]
+
+
+def report_load(today, new, full_fp32, args) -> None:
+    g = _gb
     print(f"\nmodel: {args.layers} layers x hidden {args.hidden} / ffn {args.ffn} / vocab {args.vocab}; "
-          f"fp32 bytes {g(full_fp32)}; ZeRO-3 on 2 gloo ranks, {args.steps} steps at seq {args.seq}")
+          f"fp32 bytes {g(full_fp32)}; ZeRO-3 on 2 gloo ranks" + (", the load alone" if args.load_only else
+                                                                  f", {args.steps} steps at seq {args.seq}"))
     print(f"{'':34}{'today':>22}{'new':>22}")
     for r in range(2):
         t, n = today["workers"][r]["load"], new["workers"][r]["load"]
         print(f"  rank {r} RSS before loading (anon)  {g(t[2])} ({g(t[3])})  {g(n[2])} ({g(n[3])})")
-    for phase in ("load", "engine", "step"):
+        print(f"  rank {r} peak RSS while load   (anon){g(t[0])} ({g(t[1])})  {g(n[0])} ({g(n[1])})")
+    print("\ngoals (issue 14):")
+    print(f"  load: worker's anon growth while loading / fp32 model = "
+          f"{max(_load_growth(new, r) for r in range(2)) / full_fp32:.2f} (goal <= 0.65; "
+          f"today {max(_load_growth(today, r) for r in range(2)) / full_fp32:.2f})")
+
+
+def report(today, new, full_fp32, args) -> None:
+    g = _gb
+    report_load(today, new, full_fp32, args)
+    print(f"\n{'':34}{'today':>22}{'new':>22}")
+    for phase in ("engine", "step"):
         for r in range(2):
             t, n = today["workers"][r][phase], new["workers"][r][phase]
             print(f"  rank {r} peak RSS while {phase:<6} (anon){g(t[0])} ({g(t[1])})  {g(n[0])} ({g(n[1])})")
@@ -237,11 +283,7 @@ def report(today, new, full_fp32, args) -> None:
     print(f"  bytes the driver downloads        {g(today['downloaded'])}            {g(new['downloaded'])}")
     st, sn = sum(today["step_s"]) / len(today["step_s"]), sum(new["step_s"]) / len(new["step_s"])
     print(f"  step time                         {st:9.2f} s            {sn:9.2f} s")
-    grow = lambda res, r: res["workers"][r]["load"][1] - res["workers"][r]["load"][3]  # noqa: E731
-    load_new = max(grow(new, r) for r in range(2))
-    print("\ngoals (issue 14):")
-    print(f"  load: worker's anon growth while loading / fp32 model = {load_new / full_fp32:.2f} (goal <= 0.65; "
-          f"today {max(grow(today, r) for r in range(2)) / full_fp32:.2f})")
+    print("\ngoals (issue 14), continued:")
     print(f"  final write: writer's peak growth / largest shard = {new['writer'][1] / new['largest_shard']:.2f} "
           f"(goal <= 1.2; today's driver: {today['writer'][1] / today['largest_shard']:.2f})")
     print(f"  driver download: {new['downloaded']} optimizer bytes (goal 0; today {today['downloaded'] / GB:.2f} GB)")
@@ -262,6 +304,7 @@ def main() -> int:
     p.add_argument("--shard-mb", type=float, default=1000.0)
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--workdir", default="/tmp/zero3-memory")
+    p.add_argument("--load-only", action="store_true", help="measure the model load alone (no engine, steps, write)")
     args = p.parse_args()
     root = Path(args.workdir)
     shutil.rmtree(root, ignore_errors=True)
@@ -285,7 +328,7 @@ def main() -> int:
     today = run_route("today", ckpt, root, args)
     shutil.rmtree(root / "out-today", ignore_errors=True)  # the DeepSpeed checkpoint: disk back
     new = run_route("new", ckpt, root, args)
-    report(today, new, full_fp32, args)
+    (report_load if args.load_only else report)(today, new, full_fp32, args)
     return 0
 
 

@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from drope_ops.manifest import write_manifest
 from tests.fixtures.lm_eval_tasks import write_task_sets
+from tests.fixtures.logs import tracebacks
 from tests.fixtures.services import s3_env_vars
 from tests.fixtures.workflow_services import VENV_BIN, run_drope
 from workflows.cli import main as cli_main
@@ -142,6 +143,14 @@ SPEC_CASES = [
     ("negative-steps", lambda b: ["run", "debug", "--set", "recalibrate.steps=-5"], ["steps"]),
     ("batch-not-divisible", lambda b: ["run", "debug", "--set", "recalibrate.global_batch=3"], ["global_batch"]),
     ("lr-zero", lambda b: ["run", "debug", "--set", "recalibrate.lr=0"], ["lr"]),
+    ("weight-decay-negative", lambda b: ["run", "debug", "--set", "recalibrate.weight_decay=-1"],
+     ["recalibrate.weight_decay=-1", ">= 0"]),
+    ("betas-out-of-range", lambda b: ["run", "debug", "--set", "recalibrate.betas=[0.9,1.5]"],
+     ["betas=[0.9, 1.5]", "[0, 1)"]),
+    ("eval-factor-twice", lambda b: ["run", "debug", "--set", "evaluate.extension_factors=[1,2,2]"],
+     ["evaluate.extension_factors", "twice"]),
+    ("fit-factor-twice", lambda b: ["run", "debug", "--set", "fit_temperature.extension_factors=[2,2.0]"],
+     ["fit_temperature.extension_factors", "twice"]),
     ("set-without-equals", lambda b: ["run", "debug", "--set", "recalibrate.steps"], ["--set", "="]),
     ("mlflow-unreachable", lambda b: ["run", "debug", "--set", "tracking.uri=http://127.0.0.1:9"],
      ["tracking.uri", "unreachable"]),
@@ -262,7 +271,7 @@ def one_error_line(proc, command: str) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith(f"drope {command}: error:")]
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert len(lines) == 1, f"expected one error line, got:\n{proc.stderr[-3000:]}"
-    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert tracebacks(proc.stderr) == 0, proc.stderr[-3000:]
     return lines[0]
 
 

@@ -22,6 +22,7 @@ import pytest
 from mlflow import MlflowClient
 
 from tests.fixtures.cluster import NoSharedDiskCluster
+from tests.fixtures.logs import tracebacks
 from tests.fixtures.workflow_services import run_drope
 
 STAGES = ["fetch", "drop_rope", "recalibrate", "fit_temperature", "evaluate"]
@@ -224,4 +225,4 @@ def test_node_local_storage_or_tracking_is_refused_before_any_stage(no_shared_di
         assert s["run"]["status"] == "failed", s["run"]
         assert says in s["run"]["error"] and "nodes" in s["run"]["error"], s["run"]
         assert all(s["by_stage"][k]["status"] == "pending" for k in STAGES), s["by_stage"]
-        assert cluster.job_logs(sub).count("Traceback") == 0, cluster.job_logs(sub)[-2000:]
+        assert tracebacks(cluster.job_logs(sub)) == 0, cluster.job_logs(sub)[-2000:]

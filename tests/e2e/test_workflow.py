@@ -195,6 +195,8 @@ def test_failed_stage_is_marked_and_resume_after_fix(env, mlflow_server):
     assert {k: v["attempts"] for k, v in s["by_stage"].items()} == {
         "fetch": 1, "drop_rope": 1, "recalibrate": 2, "fit_temperature": 1, "evaluate": 1}
     assert "lineage:" in proc.stdout and "MLflow UI" in proc.stdout
+    # rank 0's progress line, once (a worker's print() would reach the driver twice)
+    assert (proc.stdout + proc.stderr).count("[recalibrate] step 4/4 loss=") == 1, proc.stdout[-3000:]
 
 
 def test_s3_storage_works_like_local(env, s3_bucket, s3_env):

@@ -80,6 +80,17 @@ def _construct(rank: int, port: int, ckpt: str, route: str, out_dir: str) -> Non
         facts["params"].append({"name": name, "numel": p.numel(), "full": getattr(p, "ds_numel", p.numel()),
                                 "local": p.ds_tensor.numel() if hasattr(p, "ds_tensor") else p.numel(),
                                 "available": getattr(p, "ds_status", None) != ZeroParamStatus.NOT_AVAILABLE})
+    if route == "zero.Init":  # each rank read only its slice: gathered, every parameter is the checkpoint's
+        from safetensors import safe_open
+
+        from workflows.zero_weights import tensor_files
+
+        files, mismatched = tensor_files(ckpt), []
+        for name, p in model.named_parameters():
+            with deepspeed.zero.GatheredParameters([p]), safe_open(str(files[name]), "pt") as f:
+                if not torch.equal(p.data, f.get_tensor(name).to(torch.float32)):
+                    mismatched.append(name)
+        facts["mismatched"] = mismatched
     Path(out_dir, f"{route}-rank{rank}.json").write_text(json.dumps(facts))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -130,6 +141,7 @@ def test_zero3_builds_under_zero_init_and_no_rank_holds_the_whole_model(wide_dro
     old = _run_ranks(wide_drope_checkpoint, "today", tmp_path)
     for rank in range(WORLD):
         assert new[rank]["type"] == "DropeForCausalLM"
+        assert new[rank]["mismatched"] == [], f"rank {rank}: {new[rank]['mismatched'][:3]} differ from the checkpoint"
         for p in new[rank]["params"]:  # partitioned as built: nothing gathered is left behind
             assert not p["available"] and p["numel"] == 0, f"rank {rank}: {p['name']} is materialized"
             assert p["local"] == math.ceil(p["full"] / WORLD), f"rank {rank}: {p['name']} holds {p['local']}"

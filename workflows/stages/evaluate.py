@@ -108,6 +108,10 @@ class EvalConfig:
                             f"rope], tasks: [niah_single_1]")
         if not self.extension_factors or any(float(s) < 1 for s in self.extension_factors):
             raise SpecError(f"evaluate.extension_factors={self.extension_factors}: give factors >= 1, e.g. [1, 2, 4]")
+        for name in ("variants", "tasks", "extension_factors"):
+            values = [float(v) if name == "extension_factors" else v for v in getattr(self, name)]
+            if len(set(values)) != len(values):
+                raise SpecError(f"evaluate.{name}={getattr(self, name)} names a value twice; list each once")
         if self.samples_per_cell < 1:
             raise SpecError(f"evaluate.samples_per_cell={self.samples_per_cell}: must be >= 1")
         if any(not 0 <= d <= 100 for d in self.depths):

@@ -55,6 +55,9 @@ class TemperatureConfig:
         check_choices(self, "fit_temperature")
         if not self.extension_factors or any(float(s) <= 1 for s in self.extension_factors):
             raise SpecError(f"fit_temperature.extension_factors={self.extension_factors}: give factors > 1, e.g. [2, 4]")
+        if len({float(s) for s in self.extension_factors}) != len(self.extension_factors):
+            raise SpecError(f"fit_temperature.extension_factors={self.extension_factors} names a factor twice; "
+                            f"list each once")
         if self.sequences_per_length < 1:
             raise SpecError(f"fit_temperature.sequences_per_length={self.sequences_per_length}: must be >= 1")
         if len(self.bounds) != 2 or not 0 < self.bounds[0] < self.bounds[1]:

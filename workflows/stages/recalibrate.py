@@ -32,6 +32,7 @@ import random
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import time
 import uuid
@@ -165,6 +166,9 @@ class RecalibrateConfig:
             raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
         if not 0 <= self.warmup_steps < self.steps:
             raise SpecError(f"recalibrate.warmup_steps={self.warmup_steps} must be in [0, steps={self.steps})")
+        if not self.weight_decay >= 0 or len(self.betas) != 2 or not all(0 <= b < 1 for b in self.betas):
+            raise SpecError(f"recalibrate.weight_decay={self.weight_decay} must be >= 0 and betas={list(self.betas)} "
+                            f"two numbers in [0, 1), e.g. weight_decay: 0.1, betas: [0.9, 0.95]")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 < self.decay_fraction <= 1:
             raise SpecError("recalibrate.min_lr_ratio must be in [0, 1] and decay_fraction in (0, 1]")
         if not self.output_shard_mb > 0:
@@ -249,11 +253,19 @@ def deepspeed_config(cfg: RecalibrateConfig, world_size: int) -> dict:
     }
 
 
-class PrintMetrics:
-    """Default metrics sink: one log line per call."""
+class NoMetrics:
+    """Default metrics sink: the progress line rank 0 prints is all there is."""
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        print(f"[recalibrate] step {step}: " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()), flush=True)
+        pass
+
+
+def say_progress(metrics: dict[str, float], done: int, steps: int) -> None:
+    """Rank 0's line per logged step. Not print(): Ray Train 2.60 tees a worker's print to its logger
+    as well, so a print shows up twice on the driver."""
+    sys.stdout.write(f"[recalibrate] step {done}/{steps} loss={metrics['loss']:.4f} lr={metrics['lr']:.3g} "
+                     f"grad_norm={metrics['grad_norm']:.3g} tokens/s={metrics['tokens_per_s']:.0f}\n")
+    sys.stdout.flush()
 
 
 def _optimizer(model, cfg: RecalibrateConfig) -> torch.optim.Optimizer:
@@ -451,6 +463,7 @@ def train_func(config: dict) -> None:
         t.history.append(metrics)
         if t.rank == 0 and done % cfg.metrics_every == 0:
             sink.log_metrics({k: v for k, v in metrics.items() if k != "step"}, step=done)
+            say_progress(metrics, done, cfg.steps)
         inject_kill(cfg, t, config["run_name"], done)
         if done % cfg.checkpoint_every == 0 or done in (cfg.steps, cfg.stop_after_step):
             save(t, done, metrics, report, probe_logits(t, input_ids) if done == cfg.steps else None)
@@ -639,7 +652,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
     output_dir = _fresh_output(output_dir)
     trainer = _trainer(cfg, train_loop_config={
         "cfg": cfg, "data": data, "seq_len": seq_len, "checkpoint": checkpoint, "output": output_dir,
-        "metrics_sink": metrics_sink or PrintMetrics(), "run_name": run_name, "launch": launch},
+        "metrics_sink": metrics_sink or NoMetrics(), "run_name": run_name, "launch": launch},
         run_name=run_name, path=path, filesystem=filesystem)
     try:
         result = trainer.fit()
