@@ -1,0 +1,79 @@
+"""The DeepSpeed config recalibrate hands every worker: stage, per-device ZeRO settings, batch arithmetic,
+checked against DeepSpeed's own zero_optimization schema (which forbids unknown keys)."""
+
+import pytest
+from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+from drope_ops.errors import SpecError
+from workflows.stages.recalibrate import ZERO_DEFAULTS, RecalibrateConfig, check_zero_settings, deepspeed_config
+
+
+@pytest.mark.parametrize("use_gpu", [False, True])
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_stage_and_device_settings(use_gpu, stage):
+    ds = deepspeed_config(RecalibrateConfig(zero_stage=stage, use_gpu=use_gpu), world_size=2)
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == stage, "the user's ZeRO stage must reach DeepSpeed unchanged"
+    device = ZERO_DEFAULTS["gpu" if use_gpu else "cpu"]
+    assert {k: zero[k] for k in device} == device, "the per-device ZeRO defaults are missing from the config"
+    assert ds["bf16"]["enabled"] is use_gpu, "bf16 on GPU only (gloo has no bf16 reduce, fp32 resumes exactly)"
+    parsed = DeepSpeedZeroConfig(**zero)  # raises on a key DeepSpeed does not know
+    assert parsed.stage == stage and parsed.overlap_comm == zero.get("overlap_comm", parsed.overlap_comm)
+
+
+def test_device_defaults():
+    cpu = deepspeed_config(RecalibrateConfig(use_gpu=False), 2)["zero_optimization"]
+    gpu = deepspeed_config(RecalibrateConfig(use_gpu=True), 2)["zero_optimization"]
+    # CPU keeps DeepSpeed's defaults (benchmarks/zero_settings.py: overlap_comm no faster on gloo)
+    assert DeepSpeedZeroConfig(**cpu).overlap_comm is False
+    assert gpu["overlap_comm"] is True and gpu["contiguous_gradients"] is True
+    assert gpu["reduce_bucket_size"] <= 2e8, "overlap_comm holds ~4.5 x the bucket: keep it bounded on GPU"
+
+
+@pytest.mark.parametrize("world,global_batch,micro_batch,accum", [(1, 8, 2, 4), (2, 8, 2, 2), (2, 8, 4, 1),
+                                                                  (4, 32, 2, 4), (3, 12, 1, 4)])
+def test_batch_arithmetic(world, global_batch, micro_batch, accum):
+    cfg = RecalibrateConfig(num_workers=world, global_batch=global_batch, micro_batch=micro_batch)
+    ds = deepspeed_config(cfg, world_size=world)
+    assert ds["gradient_accumulation_steps"] == accum == cfg.grad_accum
+    # DeepSpeed refuses a config where these disagree
+    assert ds["train_batch_size"] == ds["train_micro_batch_size_per_gpu"] * accum * world == global_batch
+
+
+def test_fewer_ranks_than_workers_accumulate_more():
+    # a single rank (the zero_weights test, a 1-rank restart) keeps the global batch by accumulation
+    ds = deepspeed_config(RecalibrateConfig(num_workers=2, global_batch=8, micro_batch=2), world_size=1)
+    assert ds["gradient_accumulation_steps"] == 4 and ds["train_batch_size"] == 8
+
+
+def test_user_zero_settings_win_over_device_defaults():
+    for use_gpu in (False, True):
+        cfg = RecalibrateConfig(use_gpu=use_gpu, zero_settings={"overlap_comm": False, "reduce_bucket_size": 10**7})
+        zero = deepspeed_config(cfg, 2)["zero_optimization"]
+        assert zero["overlap_comm"] is False and zero["reduce_bucket_size"] == 10**7 and zero["stage"] == 2
+
+
+def test_offload_with_its_fields():
+    zero = deepspeed_config(RecalibrateConfig(zero_stage=3, offload_optimizer=True, offload_params=True), 2)[
+        "zero_optimization"]
+    assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": False} == zero["offload_param"]
+    DeepSpeedZeroConfig(**zero)
+
+
+@pytest.mark.parametrize("settings,field", [({"stage": 3}, "stage"), ({"offload_param": {"device": "cpu"}},
+                                                                      "offload_param")])
+def test_zero_settings_cannot_change_stage_or_offload(settings, field):
+    with pytest.raises(SpecError, match=f"zero_settings sets '{field}'"):
+        RecalibrateConfig(zero_settings=settings)
+
+
+def test_zero_settings_not_a_mapping():
+    with pytest.raises(SpecError, match="recalibrate.zero_settings=.*must be a mapping"):
+        RecalibrateConfig(zero_settings=["overlap_comm"])
+
+
+@pytest.mark.parametrize("settings,key", [({"overlap_com": True}, "overlap_com"),
+                                          ({"reduce_bucket_size": "big"}, "reduce_bucket_size")])
+def test_misspelt_or_mistyped_zero_settings_named(settings, key):
+    with pytest.raises(SpecError, match=f"recalibrate.zero_settings.{key}"):
+        check_zero_settings(RecalibrateConfig(zero_settings=settings))
