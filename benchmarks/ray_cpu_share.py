@@ -1,0 +1,148 @@
+"""Where the CPU goes while drope's recalibration steps under Ray Train: the ranks against Ray's own processes.
+
+    .venv/bin/python benchmarks/ray_cpu_share.py --hidden 512 --layers 6 --seq 512     # ~2 min on 2 cores
+
+recalibrate_vs_peers.py finds the same DeepSpeed train_step 7-11% slower inside Ray Train than under
+torchrun. This runs recalibrate() once (local Ray, ZeRO-2, 2 CPU workers of 1 thread) while a thread
+samples every process of the Ray session (psutil, every 0.2 s), and rank 0's metrics sink writes a
+timestamp per step. Over the steady steps (after --skip) it prints the CPU seconds of each kind of
+process: the two ranks (RayTrainWorker), the Train controller and its helper actors, the raylet, the
+GCS, the dashboard and its agents, the driver, and what they take of the box's cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import psutil
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+
+
+class StepClock:
+    """Metrics sink for rank 0: appends `step wall-time` to a file each logged step."""
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def log_metrics(self, metrics, step):
+        with open(self.path, "a") as f:
+            f.write(f"{step} {time.time()}\n")
+
+
+def kind(p: psutil.Process) -> str | None:
+    """The kind of a Ray session process, or None for a process outside it."""
+    try:
+        cmd = " ".join(p.cmdline())
+        name = p.name()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
+    if p.pid == os.getpid():
+        return "driver (this process)"
+    if "RayTrainWorker" in cmd or "RayTrainWorker" in name:
+        return "ranks (RayTrainWorker x2)"
+    if name.startswith("ray::") or cmd.startswith("ray::"):
+        return "Train controller + helper actors"
+    if "raylet" in name:
+        return "raylet"
+    if "gcs_server" in name:
+        return "gcs_server"
+    if "ray" in cmd and ("dashboard" in cmd or "agent" in cmd or "log_monitor" in cmd or "monitor.py" in cmd):
+        return "dashboard, agents, log monitor"
+    if "default_worker.py" in cmd or "ray/_private/workers" in cmd:
+        return "idle Ray workers"
+    return None
+
+
+def sample(samples: list, stop: threading.Event) -> None:
+    """[(time, {pid: (kind, user+system CPU seconds)})] every 0.2 s."""
+    while not stop.is_set():
+        now, seen = time.time(), {}
+        for p in psutil.process_iter():
+            k = kind(p)
+            if k is None:
+                continue
+            try:
+                t = p.cpu_times()
+                seen[p.pid] = (k, t.user + t.system)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+        samples.append((now, seen))
+        stop.wait(0.2)
+
+
+def cpu_between(samples, t0: float, t1: float) -> dict[str, float]:
+    """CPU seconds per kind between the samples nearest t0 and t1 (pids alive in both)."""
+    a = min(samples, key=lambda s: abs(s[0] - t0))[1]
+    b = min(samples, key=lambda s: abs(s[0] - t1))[1]
+    out: dict[str, float] = {}
+    for pid, (k, cpu) in b.items():
+        if pid in a:
+            out[k] = out.get(k, 0.0) + cpu - a[pid][1]
+    return out
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--hidden", type=int, default=512)
+    p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--seq", type=int, default=512)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--skip", type=int, default=2)
+    p.add_argument("--global-batch", type=int, default=8)
+    p.add_argument("--micro-batch", type=int, default=2)
+    args = p.parse_args()
+    import ray
+
+    from drope_ops.data import DataConfig
+    from drope_ops.debugmodel import make_debug_checkpoint
+    from workflows.stages.recalibrate import RecalibrateConfig, recalibrate
+
+    tmp = tempfile.mkdtemp(prefix="bench-raycpu-")
+    ckpt = str(make_debug_checkpoint(f"{tmp}/ckpt", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
+                                     num_hidden_layers=args.layers, max_position_embeddings=args.seq))
+    cfg = RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
+                            num_workers=2, zero_stage=2, checkpoint_every=args.steps, max_failures=0, lr=1e-3,
+                            warmup_steps=1, loss_spike_factor=None)
+    data = DataConfig(source="shakespeare", seq_len=args.seq,
+                      max_tokens=(args.steps + 2) * args.global_batch * args.seq)
+    samples, stop = [], threading.Event()
+    sampler = threading.Thread(target=sample, args=(samples, stop), daemon=True)
+    ray.init(num_cpus=4, include_dashboard=None, dashboard_host="127.0.0.1", address="local", log_to_driver=False)
+    sampler.start()
+    clock = f"{tmp}/steps.txt"
+    try:
+        recalibrate(cfg, data, ckpt, f"{tmp}/out", run_name="raycpu", storage_path=f"{tmp}/storage",
+                    metrics_sink=StepClock(clock))
+    finally:
+        stop.set()
+        sampler.join()
+        ray.shutdown()
+    stamps = {int(s): float(t) for s, t in (line.split() for line in Path(clock).read_text().splitlines())}
+    t0, t1 = stamps[args.skip], stamps[args.steps]
+    wall, cores = t1 - t0, psutil.cpu_count()
+    used = cpu_between(samples, t0, t1)
+    total = sum(used.values())
+    print(f"model: hidden {args.hidden}, {args.layers} layers, seq {args.seq}; steps {args.skip + 1}-{args.steps} "
+          f"({wall:.1f} s wall, {wall / (args.steps - args.skip):.2f} s a step); {cores} cores "
+          f"({cores * wall:.1f} CPU-s available); load average {os.getloadavg()[0]:.2f}")
+    print(f"\n| process | CPU-s | share of the Ray session's CPU | cores busy |\n|---|---|---|---|")
+    for k, v in sorted(used.items(), key=lambda kv: -kv[1]):
+        print(f"| {k} | {v:.2f} | {v / total:.1%} | {v / wall:.2f} |")
+    others = total - used.get("ranks (RayTrainWorker x2)", 0.0)
+    print(f"\nnot the ranks: {others:.2f} CPU-s = {others / (cores * wall):.1%} of the box's cores over the steps")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
