@@ -17,6 +17,12 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
+
+BATCH_WAIT_S = 900.0
+"""Longest a step waits for its batch before it fails naming the data source (a stalled read)."""
+STOP_WAIT_S = 120.0
+"""Longest close() waits for the thread to finish the batch it is making."""
 
 
 class Prefetcher:
@@ -45,12 +51,25 @@ class Prefetcher:
             raise self._error
         if self._thread is None:
             self._start()
-        item = self._queue.get()
+        item = self._take()
         if isinstance(item, BaseException):
             self._error = item
             raise item
         batch, self._state, self._epoch = item
         return batch
+
+    def _take(self):
+        """The next item of the queue, or an error when none comes within BATCH_WAIT_S."""
+        deadline = time.monotonic() + BATCH_WAIT_S
+        while True:
+            try:
+                return self._queue.get(timeout=min(1.0, BATCH_WAIT_S))
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    return RuntimeError("the data prefetch thread ended without a batch or an error")
+                if time.monotonic() > deadline:
+                    return TimeoutError(f"no batch from the data source within {BATCH_WAIT_S:.0f} s: a read of "
+                                        f"data.source is stalled (check that it is reachable)")
 
     def state_dict(self) -> dict:
         """The sampler's state after the batches taken so far (to save with a checkpoint)."""
@@ -69,7 +88,10 @@ class Prefetcher:
         if self._thread is None:
             return
         self._stop.set()
-        self._thread.join()
+        self._thread.join(timeout=STOP_WAIT_S)
+        if self._thread.is_alive():  # stuck in a read: it must not touch the sampler after a restart
+            raise TimeoutError(f"the data prefetch thread did not stop within {STOP_WAIT_S:.0f} s: a read of "
+                               f"data.source is stalled (check that it is reachable)")
         self._thread, self._queue, self._ahead = None, None, True
 
     def _start(self) -> None:

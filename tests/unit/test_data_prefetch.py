@@ -98,3 +98,36 @@ def test_streaming_sampler_prefetched_resumes_exactly(tmp_path):
     resumed.load_state_dict(state)
     assert all(torch.equal(a, b) for a, b in zip(_batches(resumed, 4), expected[6:]))
     resumed.close()
+
+
+class Stalled:
+    """A sampler whose read never returns (until released): a data source that stopped answering."""
+
+    def __init__(self):
+        import threading
+
+        self.release = threading.Event()
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+    def next_batch(self):
+        self.release.wait()
+        return torch.zeros(1)
+
+
+def test_a_stalled_source_fails_the_step_within_its_bound_naming_the_source(monkeypatch):
+    import drope_ops.prefetch as prefetch
+
+    monkeypatch.setattr(prefetch, "BATCH_WAIT_S", 0.3)
+    monkeypatch.setattr(prefetch, "STOP_WAIT_S", 0.3)
+    sampler = Stalled()
+    p = Prefetcher(sampler)
+    with pytest.raises(TimeoutError, match="data.source"):
+        p.next_batch()
+    with pytest.raises(TimeoutError, match="did not stop"):
+        p.close()
+    sampler.release.set()  # the read returns: the thread sees stop and ends
