@@ -87,16 +87,21 @@ def ray_recalibrate(ckpt, data, cfg, tmp: str, tokens: int) -> tuple[list[dict],
     return result["history"], wall
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=30)
-    p.add_argument("--skip", type=int, default=5, help="warm-up steps left out of the steady state")
+def shape_arguments(p: argparse.ArgumentParser, steps: int, skip: int) -> argparse.ArgumentParser:
+    """The options the step-time benchmarks share: steps, warm-up left out, workers, model and batch."""
+    p.add_argument("--steps", type=int, default=steps)
+    p.add_argument("--skip", type=int, default=skip, help="warm-up steps left out of the steady state")
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--seq", type=int, default=256)
     p.add_argument("--global-batch", type=int, default=8)
     p.add_argument("--micro-batch", type=int, default=2)
+    return p
+
+
+def main() -> None:
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=30, skip=5)
     p.add_argument("--streaming", action="store_true", help="the Ray path tokenizes and packs while it trains")
     args = p.parse_args()
 

@@ -34,6 +34,7 @@ import tempfile
 import time
 
 import torch
+from recalibrate_step_time import shape_arguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -158,15 +159,7 @@ def step_seconds(history: list[dict], wall: float, tokens: int) -> tuple[list[fl
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=6)
-    p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the median")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=6, skip=2)
     p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[1, 2], help="one drope row each")
     p.add_argument("--hf-deepspeed", action="store_true", help="HF Trainer with a DeepSpeed config instead of use_cpu")
     p.add_argument("--role", choices=["hf", "ddp"], help=argparse.SUPPRESS)
@@ -182,6 +175,11 @@ def main() -> None:
                 json.dump(times, f)
         return
 
+    compare(args)
+
+
+def compare(args) -> None:
+    """Every way of training, two passes, then the table and the ratios."""
     from drope_ops.data import DataConfig, load_blocks
     from drope_ops.debugmodel import byte_level_tokenizer, make_debug_checkpoint
     from recalibrate_step_time import bare_loop, ray_recalibrate
@@ -208,11 +206,20 @@ def main() -> None:
         hf_name: lambda: torchrun(args, "hf", ckpt, f"{tmp}/blocks.pt", f"{tmp}/hf.json"),
         "torchrun + DDP (no_sync)": lambda: torchrun(args, "ddp", ckpt, f"{tmp}/blocks.pt", f"{tmp}/ddp.json"),
     }
-    # two passes, the second in reverse order, so a drift of the box's load does not favour one side
-    runs = {name: [] for name in launch}  # name: [(step seconds, wall seconds from launch to exit)] per pass
+    report(args, two_passes(launch), tokens, hf_name)
+
+
+def two_passes(launch: dict) -> dict:
+    """{name: [(step seconds, wall seconds from launch to exit)] per pass}; the second pass runs in reverse
+    order, so a drift of the box's load does not favour one side."""
+    runs = {name: [] for name in launch}
     for order in (list(launch), list(launch)[::-1]):
         for name in order:
             runs[name].append(launch[name]())
+    return runs
+
+
+def report(args, runs: dict, tokens: int, hf_name: str) -> None:
     steady = {name: [t for times, _ in passes for t in times[args.skip:]] for name, passes in runs.items()}
     med = {name: statistics.median(t) for name, t in steady.items()}
     print("\n| run | median step | tokens / s | median step, pass 1 / pass 2 | start-up + save (mean) |\n"

@@ -26,6 +26,7 @@ import tempfile
 import time
 
 import torch
+from recalibrate_step_time import shape_arguments
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -87,15 +88,7 @@ def worker(args) -> None:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--steps", type=int, default=8)
-    p.add_argument("--skip", type=int, default=2, help="warm-up steps left out of the median")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--hidden", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--seq", type=int, default=256)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=8, skip=2)
     p.add_argument("--profile", action="store_true", help="print the top ops of 2 more steps of the first setting")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
