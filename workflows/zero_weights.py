@@ -35,6 +35,7 @@ import torch
 from drope_ops import storage
 from drope_ops.errors import CheckpointError
 from drope_ops.manifest import write_manifest
+from drope_ops.surgery import read_header, weight_files
 
 SAFE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -88,14 +89,10 @@ def empty_zero3_model(config, ds_config: dict, dtype: torch.dtype):
 
 def tensor_files(ckpt_dir: str | os.PathLike) -> dict[str, Path]:
     """{tensor name: its safetensors file} of a checkpoint (one file, or shards and their index)."""
-    d = Path(ckpt_dir)
-    index = d / "model.safetensors.index.json"
-    if index.exists():
-        return {name: d / f for name, f in json.loads(index.read_text())["weight_map"].items()}
-    from safetensors import safe_open
-
-    with safe_open(str(d / "model.safetensors"), "pt") as f:
-        return {name: d / "model.safetensors" for name in f.keys()}
+    files, index = weight_files(ckpt_dir)
+    if index is not None:
+        return {name: Path(ckpt_dir) / f for name, f in index["weight_map"].items()}
+    return {name: files[0] for name in read_header(files[0])[0] if name != "__metadata__"}
 
 
 def flat_range(tensor_slice, shape: list[int], start: int, end: int) -> torch.Tensor:
