@@ -123,13 +123,17 @@ done
 healthy() {  # $1 url, $2 text the body must contain
   curl -sf --max-time 2 "$1" 2>/dev/null | grep -q "$2"
 }
+listening() {  # $1 port: something accepts a TCP connection there (the Ray client server starts last)
+  timeout 2 bash -c "exec 3<>/dev/tcp/$host/$1" 2>/dev/null
+}
 echo "local-up.sh: starting Ray head (:$dash_port) and MLflow (:$mlflow_port) on $host; logs in $state/logs"
 deadline=$((SECONDS + timeout)); ray_ok=""; mlflow_ok=""
 while [ -z "$ray_ok" ] || [ -z "$mlflow_ok" ]; do
-  # The dashboard answers once GCS is up; the raylet must have registered for jobs to schedule.
+  # The dashboard answers once GCS is up; the raylet must have registered for jobs to schedule;
+  # ray:// clients need the client server, which Ray starts after both.
   [ -z "$ray_ok" ] && healthy "http://$host:$dash_port/api/gcs_healthz" success \
     && healthy "http://$host:$agent_port/api/local_raylet_healthz" success \
-    && ray_ok=1 && echo "local-up.sh: Ray head ready after ${SECONDS}s"
+    && listening "$client_port" && ray_ok=1 && echo "local-up.sh: Ray head ready after ${SECONDS}s"
   [ -z "$mlflow_ok" ] && healthy "http://$host:$mlflow_port/health" OK \
     && mlflow_ok=1 && echo "local-up.sh: MLflow ready after ${SECONDS}s"
   for svc in ray mlflow; do
