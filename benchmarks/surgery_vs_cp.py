@@ -5,9 +5,12 @@
 Writes a random fp16 safetensors checkpoint shaped like Llama-2-7B (32 layers, hidden 4096, ffn 11008,
 32 heads, vocab 32000, ~13.5 GB in several shards) into a temporary directory, then in one run:
   1. `cp -r SRC COPY && sync`                     (the floor: read + write every byte)
-  2. `drope drop-rope SRC DST && sync` as a child  (the CLI: stream, hash source and output, add QK-norm)
+  2. `drope drop-rope SRC DST && sync` as a child  (the CLI: copy the shards while hashing them once,
+                                                 add the QK-norm shard, check the config with transformers)
+  3. `drope drop-rope --link SRC DST && sync`      (the workflow stage's way: shards hard-linked, read once
+                                                 to hash them)
 in --rounds rounds whose order alternates (neither always runs on the page cache the other left),
-and prints the median wall(surgery) / median wall(cp) (goal <= 1.5) and the surgery's peak RSS /
+and prints the median wall(surgery) / median wall(cp) of both (goal <= 1.5) and the surgery's peak RSS /
 largest shard (goal <= 1.2). Needs about 2.1x the checkpoint size free on --workdir; everything is removed at the end.
 """
 
@@ -86,21 +89,22 @@ t = time.perf_counter()
 from workflows.cli import main
 t_import = time.perf_counter() - t
 t = time.perf_counter()
-rc = main(["drop-rope", sys.argv[1], sys.argv[2], "--no-progress"])
+rc = main(["drop-rope", *sys.argv[1:], "--no-progress"])
 hwm = next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM"))
 ru = resource.getrusage(resource.RUSAGE_SELF)
 print(f"{rc} {t_import:.2f} {time.perf_counter() - t:.2f} {hwm * 1024} {ru.ru_utime + ru.ru_stime:.2f}")
 """
 
 
-def timed_surgery(src: Path, dst: Path) -> dict:
+def timed_surgery(src: Path, dst: Path, *options: str, tree: str | None = None) -> dict:
     """Wall incl. sync, peak RSS bytes, CLI import s, command s and CPU s of `drope drop-rope` in a child.
 
     Peak RSS is the child's own VmHWM: the rusage of a forked child also counts the parent's pages
     it held before exec (the parent holds GBs right after writing the checkpoint).
     """
     t = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", SURGERY_CHILD, str(src), str(dst)], stdout=subprocess.PIPE, text=True)
+    proc = subprocess.run([sys.executable, "-c", SURGERY_CHILD, str(src), str(dst), *options], stdout=subprocess.PIPE,
+                          text=True, cwd=tree)  # `python -c` imports workflows from its working directory
     subprocess.run(["sync"], check=True)
     wall = time.perf_counter() - t
     rc, t_import, t_run, rss, cpu = (proc.stdout.strip().splitlines() or ["1 0 0 0 0"])[-1].split()
@@ -123,26 +127,44 @@ def timed_cp(src: Path, dst: Path) -> dict:
     return dict(wall=time.perf_counter() - t, cpu=cp_cpu)
 
 
-def rounds(src: Path, scratch: Path, n: int) -> tuple[list[dict], list[dict]]:
-    """n rounds of cp and drop-rope, the order alternating (cp first in odd rounds) so neither always
-    finds the page cache the other left; each output is removed and synced before the next run."""
-    cps, surgeries = [], []
+RUNS = {"cp": lambda src, dst: timed_cp(src, dst), "drop-rope": lambda src, dst: timed_surgery(src, dst),
+        "drop-rope --link": lambda src, dst: timed_surgery(src, dst, "--link")}
+
+
+def rounds(src: Path, scratch: Path, n: int, before: str | None) -> dict[str, list[dict]]:
+    """n rounds of each of RUNS, the order reversed every other round so none always finds the page
+    cache another left; each output is removed and synced before the next run."""
+    todo = dict(RUNS)
+    if before:
+        todo["drop-rope (before)"] = lambda src, dst: timed_surgery(src, dst, tree=before)
+    runs: dict[str, list[dict]] = {name: [] for name in todo}
     for k in range(n):
-        order = ("cp", "drope") if k % 2 == 0 else ("drope", "cp")
-        for which in order:
-            dst = scratch / which
-            if which == "cp":
-                cps.append(timed_cp(src, dst))
-            else:
-                surgeries.append(timed_surgery(src, dst))
+        for name in (list(todo) if k % 2 == 0 else reversed(todo)):
+            dst = scratch / "out"
+            runs[name].append(todo[name](src, dst))
             shutil.rmtree(dst)
             subprocess.run(["sync"], check=True)
-        print(f"  round {k + 1}: cp {cps[-1]['wall']:.1f} s, drop-rope {surgeries[-1]['wall']:.1f} s", flush=True)
-    return cps, surgeries
+        print(f"  round {k + 1}: " + ", ".join(f"{name} {r[-1]['wall']:.1f} s" for name, r in runs.items()), flush=True)
+    return runs
 
 
 def median(runs: list[dict], key: str) -> float:
     return statistics.median(r[key] for r in runs)
+
+
+def report(runs: dict[str, list[dict]], total: int, largest: int, shards: int, n: int) -> None:
+    cps, t_cp = runs["cp"], median(runs["cp"], "wall")
+    print(f"checkpoint: {shards} shards, {total / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB; medians of {n} rounds")
+    print(f"machine load average:    {os.getloadavg()[0]:7.1f}  on {os.cpu_count()} cores")
+    print(f"{'cp -r + sync:':25}{t_cp:7.1f} s  ({total / t_cp / 1e9:.2f} GB/s, cp CPU {median(cps, 'cpu'):.1f} s)")
+    surgeries = [name for name in runs if name != "cp"]
+    for name in surgeries:
+        r, t = runs[name], median(runs[name], "wall")
+        print(f"{name + ' + sync:':25}{t:7.1f} s  (child: CLI import {median(r, 't_import'):.2f} s, command "
+              f"{median(r, 't_run'):.1f} s, CPU {median(r, 'cpu'):.1f} s)")
+        print(f"  wall ratio / cp:       {t / t_cp:7.2f}  (goal <= 1.5)")
+    rss = max(r["rss"] for name in surgeries for r in runs[name])
+    print(f"peak RSS / largest shard:{rss / largest:7.2f}  (goal <= 1.2; peak RSS {rss / 1e9:.2f} GB)")
 
 
 def main() -> int:
@@ -151,6 +173,8 @@ def main() -> int:
     ap.add_argument("--max-shard-gb", type=float, default=2.0, help="shard size of the source checkpoint")
     ap.add_argument("--layers", type=int, default=32, help="fewer layers for a quick try (shape stays 7B-wide)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of cp and drop-rope (order alternating); medians")
+    ap.add_argument("--before", metavar="CHECKOUT", help="also time drop-rope from another checkout of drope (e.g. "
+                    "`git worktree add /tmp/before HEAD~1`) in the same rounds")
     a = ap.parse_args()
     cfg = {**LLAMA2_7B, "num_hidden_layers": a.layers}
     need = 2.1 * 2 * sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
@@ -164,18 +188,8 @@ def main() -> int:
         files = write_checkpoint(root / "src", cfg, int(a.max_shard_gb * 1e9))
         total, largest = sum(p.stat().st_size for p in files), max(p.stat().st_size for p in files)
         subprocess.run(["sync"], check=True)
-        cps, surgeries = rounds(root / "src", root, a.rounds)
-        t_cp, t_surgery, t_import = median(cps, "wall"), median(surgeries, "wall"), median(surgeries, "t_import")
-        print(f"checkpoint: {len(files)} shards, {total / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB; "
-              f"medians of {a.rounds} rounds")
-        print(f"machine load average:    {os.getloadavg()[0]:7.1f}  on {os.cpu_count()} cores")
-        print(f"cp -r + sync:            {t_cp:7.1f} s  ({total / t_cp / 1e9:.2f} GB/s, cp CPU {median(cps, 'cpu'):.1f} s)")
-        print(f"drope drop-rope + sync:  {t_surgery:7.1f} s  (child: CLI import {t_import:.2f} s, command "
-              f"{median(surgeries, 't_run'):.1f} s, CPU {median(surgeries, 'cpu'):.1f} s)")
-        print(f"wall ratio surgery / cp: {t_surgery / t_cp:7.2f}  (goal <= 1.5; without the CLI import: "
-              f"{(t_surgery - t_import) / t_cp:.2f})")
-        rss = max(r["rss"] for r in surgeries)
-        print(f"peak RSS / largest shard:{rss / largest:7.2f}  (goal <= 1.2; peak RSS {rss / 1e9:.2f} GB)")
+        runs = rounds(root / "src", root, a.rounds, a.before)
+        report(runs, total, largest, len(files), a.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

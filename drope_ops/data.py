@@ -29,12 +29,13 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
-
-import torch
+from typing import TYPE_CHECKING, Iterator
 
 from drope_ops.errors import SpecError
-from drope_ops.needle_data import add_copies, add_needles
+
+if TYPE_CHECKING:  # torch (and needle_data, which needs it) is imported where tensors are made:
+    # a spec or a plan needs only DataConfig
+    import torch
 
 _BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 
@@ -189,6 +190,8 @@ def pack_documents(texts, tokenizer, seq_len: int, *, max_tokens: int | None = N
 
     The tail shorter than seq_len is dropped. Tokenizes in batches of 8 documents.
     """
+    import torch
+
     eos = tokenizer.eos_token_id
     if eos is None:
         raise SpecError("the checkpoint's tokenizer has no eos_token; documents cannot be joined, fix tokenizer_config.json")
@@ -217,6 +220,8 @@ def pack_documents(texts, tokenizer, seq_len: int, *, max_tokens: int | None = N
 def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
                 max_blocks: int | None = None) -> torch.Tensor:
     """Packed blocks (N, seq_len) of the train (capped by cfg.max_tokens) or held-out split."""
+    from drope_ops.needle_data import add_copies, add_needles
+
     if cfg.source == "copies" and split == "train":
         return add_copies(None, tokenizer, seq_len, count=cfg.copies, seed=cfg.seed, max_span=cfg.copy_max_span)
     max_tokens = cfg.max_tokens if split == "train" else None
@@ -463,6 +468,7 @@ class BlockSampler:
 
     def _order(self, epoch: int) -> torch.Tensor:
         if epoch != self._perm_epoch:
+            import torch
             gen = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
             self._perm, self._perm_epoch = torch.randperm(len(self.blocks), generator=gen), epoch
         return self._perm
@@ -551,6 +557,7 @@ class StreamingBlockSampler:
         self._window_index += 1
         if self.epoch > 0 and len(docs) > 1:
             key = f"{self.cfg.seed}:{self.epoch}:{self.rank}:{self._window_index}".encode()
+            import torch
             gen = torch.Generator().manual_seed(int.from_bytes(hashlib.sha256(key).digest()[:8], "little") >> 1)
             docs = [docs[i] for i in torch.randperm(len(docs), generator=gen).tolist()]
         self._docs, self._used, self._window_start = docs, 0, start
@@ -572,6 +579,8 @@ class StreamingBlockSampler:
         return self._docs[self._used - 1]
 
     def next_batch(self) -> torch.Tensor:
+        import torch
+
         share = self.global_batch // self.world
         need = share * self.seq_len
         while len(self._buffer) < need:

@@ -29,8 +29,8 @@ from drope_ops import modeling
 from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.manifest import write_manifest
 from drope_ops.modeling import DropeConfig
-from drope_ops.surgery import (INDEX_NAME, atomic_directory, copy_tokenizer_files, read_config,
-                               rewrite_shards, weight_files)
+from drope_ops.surgery import (INDEX_NAME, atomic_directory, copy_shards, copy_tokenizer_files, read_config,
+                               weight_files)
 
 FORMATS = ("native", "remote-code")
 IDENTITY_ROPE = {"rope_type": "linear", "factor": 1e30}  # Qwen3 layout: rotates by exactly nothing
@@ -137,7 +137,7 @@ def export_checkpoint(src, dst, *, format: str = "native", progress: bool = True
     files, index = weight_files(src)
     if format == "remote-code":
         with atomic_directory(dst) as tmp:
-            _, hashes = rewrite_shards(files, tmp, {}, progress=progress, desc=f"export {src.name}")
+            hashes = copy_shards(files, tmp, progress=progress, desc=f"export {src.name}")
             raw = {**read_config(src), "architectures": ["DropeForCausalLM"],
                    "auto_map": {"AutoConfig": f"{REMOTE_MODULE}.DropeConfig",
                                 "AutoModelForCausalLM": f"{REMOTE_MODULE}.DropeForCausalLM"}}

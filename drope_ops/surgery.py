@@ -5,11 +5,11 @@
 
 What changes (paper Section 5 / C.1): the config becomes model_type "drope" (which layers keep RoPE,
 QK-norm kind and scope, logit scale 1.0, the original context C_train, the source's name and sha256),
-and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so each shard is
-rewritten at the byte level: a new safetensors header, the source's data block copied by the kernel
-(copy_file_range, as `cp` does), the new norm tensors appended. Peak memory is two hashing buffers
-(8 MiB each), source and output are sha256-hashed while the kernel copies (one read of the source),
-and DST appears atomically (temporary sibling, then rename) with its manifest written last.
+and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so the source's
+shards are copied byte for byte by the kernel (copy_file_range, as `cp` does) and the norms go into
+one new shard, qk-norm.safetensors, that the index lists. The source is read once more, to sha256 it
+while the kernel copies (its digests are the copies'), through two 8 MiB buffers: the surgery's whole
+working set. DST appears atomically (temporary sibling, then rename) with its manifest written last.
 
 Neither torch nor transformers is imported to move the bytes: transformers (seconds to import) is
 loaded in a background thread while the shards copy, for the DroPE config written at the end.
@@ -253,81 +253,104 @@ def float_dtype(name: str, key: str) -> str:
     return name
 
 
-def _new_header(header: dict, added: dict[str, Ones]) -> tuple[bytes, int, bytes]:
-    """(new header bytes incl. size prefix, source data length, appended tensor bytes)."""
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    new, blobs, offset = dict(header), [], data_len
-    new.setdefault("__metadata__", {"format": "pt"})
+NORM_SHARD = "qk-norm.safetensors"
+"""The one shard a DroPE checkpoint gains: every layer's q_norm / k_norm. The source's shards stay as they are."""
+LONE_SHARD = "model-00001-of-00001.safetensors"
+"""What a single-file source's model.safetensors is called once an index lists a second shard
+(transformers loads a directory's model.safetensors alone when one is there, index or not)."""
+
+
+def norm_shard_bytes(added: dict[str, Ones]) -> bytes:
+    """A whole safetensors file holding the given ones-weights, in order."""
+    header, blobs, offset = {"__metadata__": {"format": "pt"}}, [], 0
     for name, t in added.items():
         blob = t.tobytes()
-        new[name] = {"dtype": t.dtype, "shape": [t.length], "data_offsets": [offset, offset + len(blob)]}
+        header[name] = {"dtype": t.dtype, "shape": [t.length], "data_offsets": [offset, offset + len(blob)]}
         blobs.append(blob)
         offset += len(blob)
-    text = json.dumps(new, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-len(text) % 8)  # data block 8-byte aligned, as safetensors writes it
-    return len(text).to_bytes(8, "little") + text, data_len, b"".join(blobs)
+    return len(text).to_bytes(8, "little") + text + b"".join(blobs)
 
 
-def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
-    """Copy count bytes between file offsets in the kernel (copy_file_range, what `cp` uses: no trip
-    through user space), falling back to pread/pwrite where the kernel or filesystem refuses."""
+def _copy_range(src_fd: int, dst_fd: int, count: int) -> None:
+    """Copy count bytes from the start of src_fd in the kernel (copy_file_range, what `cp` uses: no trip
+    through user space, a reflink where the filesystem can), else pread/pwrite where it refuses."""
+    offset = 0
     try:
-        while count:
-            n = os.copy_file_range(src_fd, dst_fd, min(count, 1 << 30), src_off, dst_off)
+        while offset < count:
+            n = os.copy_file_range(src_fd, dst_fd, min(count - offset, 1 << 30), offset, offset)
             if n == 0:
                 raise CheckpointError(f"source ended early while copying (fd {src_fd}); re-download it")
-            src_off, dst_off, count = src_off + n, dst_off + n, count - n
+            offset += n
     except (OSError, AttributeError):  # EXDEV / ENOSYS / EINVAL, or no copy_file_range on this OS
-        while count:
-            data = os.pread(src_fd, min(count, COPY_CHUNK), src_off)
+        while offset < count:
+            data = os.pread(src_fd, min(count - offset, COPY_CHUNK), offset)
             if not data:
                 raise CheckpointError(f"source ended early while copying (fd {src_fd}); re-download it")
-            os.pwrite(dst_fd, data, dst_off)
-            src_off, dst_off, count = src_off + len(data), dst_off + len(data), count - len(data)
+            os.pwrite(dst_fd, data, offset)
+            offset += len(data)
 
 
-def rewrite_shards(files: list[Path], out_dir: Path, additions: dict[Path, dict[str, Ones]], *,
-                   progress: bool = True, desc: str = "rewrite") -> tuple[dict[str, str], dict[str, str]]:
-    """Copy each shard to out_dir with its added tensors; return (source sha256s, output sha256s).
+def copy_shards(files: list[Path], out_dir: Path, names: dict[Path, str] | None = None, *,
+                link: bool = False, progress: bool = True, desc: str = "copy") -> dict[str, str]:
+    """Copy each shard byte for byte to out_dir (under names[f], default its own name) while reading the
+    source once to hash it; returns {output name: sha256}, the source's digests, which are the copies'.
 
-    Per shard: new header, then the data block copied by the kernel in a thread, then the appended
-    tensors. Meanwhile the main thread reads the source once, into one of two COPY_CHUNK buffers while
-    two threads hash the other into the source digest and the output digest (the output's data block
-    is the source's, byte for byte; hashlib and file reads release the GIL), so hashing costs no extra
-    pass over the output and reading overlaps hashing.
+    Per shard the kernel copies in one thread while the main thread reads the source into one of two
+    COPY_CHUNK buffers and another thread hashes the other (file reads and hashlib release the GIL):
+    one sha256 pass in all, overlapped with the copy, as `cp` and `sha256sum` side by side would do.
+    link=True hard-links a shard instead where out_dir is on the source's filesystem (no bytes written;
+    only for a source nothing rewrites in place, such as a stage output) and copies it elsewhere.
+    Each shard's size is checked against its header first (a truncated download is refused).
     """
-    src_hashes, out_hashes = {}, {}
+    names = names or {}
+    hashes = {}
     total = sum(f.stat().st_size for f in files)
     chunk = min(COPY_CHUNK, max(f.stat().st_size for f in files))
     buffers = (memoryview(bytearray(chunk)), memoryview(bytearray(chunk)))
-    with ThreadPoolExecutor(3) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
+    with ThreadPoolExecutor(2) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
                                              disable=not progress) as bar:
         for f in files:
-            header, start = read_header(f)
-            head, data_len, extra = _new_header(header, additions.get(f, {}))
-            if f.stat().st_size != start + data_len:
-                raise CheckpointError(f"{f}: size does not match its header (truncated?); re-download it")
-            h_src, h_out = hashlib.sha256(), hashlib.sha256()
-            with open(f, "rb", buffering=0) as fi, open(out_dir / f.name, "wb", buffering=0) as fo:
-                os.pwrite(fo.fileno(), head, 0)
-                copy = pool.submit(_copy_range, fi.fileno(), fo.fileno(), start, len(head), data_len)
-                h_src.update(os.pread(fi.fileno(), start, 0))
-                h_out.update(head)
-                hashing = []  # the two jobs hashing the buffer not being read into
-                for k, offset in enumerate(range(start, start + data_len, chunk)):
-                    part = _read_into(fi.fileno(), buffers[k % 2][: min(chunk, start + data_len - offset)], offset, f)
-                    for job in hashing:
-                        job.result()
-                    hashing = [pool.submit(h_src.update, part), pool.submit(h_out.update, part)]
+            size = _checked_size(f)
+            digest = hashlib.sha256()
+            out = out_dir / names.get(f, f.name)
+            with open(f, "rb", buffering=0) as fi, contextlib.ExitStack() as stack:
+                copy = None
+                if not (link and _hard_link(f, out)):
+                    fo = stack.enter_context(open(out, "wb", buffering=0))
+                    copy = pool.submit(_copy_range, fi.fileno(), fo.fileno(), size)
+                hashing = None  # the job hashing the buffer not being read into
+                for k, offset in enumerate(range(0, size, chunk)):
+                    part = _read_into(fi.fileno(), buffers[k % 2][: min(chunk, size - offset)], offset, f)
+                    if hashing:
+                        hashing.result()
+                    hashing = pool.submit(digest.update, part)
                     bar.update(len(part))
-                for job in hashing:
-                    job.result()
-                copy.result()
-                os.pwrite(fo.fileno(), extra, len(head) + data_len)
-                h_out.update(extra)
-            src_hashes[f.name], out_hashes[f.name] = h_src.hexdigest(), h_out.hexdigest()
-            bar.update(start)
-    return src_hashes, out_hashes
+                if hashing:
+                    hashing.result()
+                if copy:
+                    copy.result()
+            hashes[out.name] = digest.hexdigest()
+    return hashes
+
+
+def _hard_link(src: Path, dst: Path) -> bool:
+    try:
+        os.link(src, dst)
+        return True
+    except OSError:  # another filesystem, or links not allowed: copy instead
+        return False
+
+
+def _checked_size(path: Path) -> int:
+    """The file's size, refused unless it is exactly its header plus the data block the header describes."""
+    header, start = read_header(path)
+    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+    size = path.stat().st_size
+    if size != start + data_len:
+        raise CheckpointError(f"{path}: size does not match its header (truncated?); re-download it")
+    return size
 
 
 def _read_into(fd: int, buf: memoryview, offset: int, path: Path) -> memoryview:
@@ -372,7 +395,7 @@ def copy_tokenizer_files(src: Path, dst: Path) -> list[str]:
 
 def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rope_layers=None,
               nope_every: int | None = None, original_context: int | None = None,
-              source_name: str | None = None, progress: bool = True) -> Path:
+              source_name: str | None = None, link: bool = False, progress: bool = True) -> Path:
     """Write a DroPE checkpoint at dst from the RoPE Llama-family checkpoint at src.
 
     Args:
@@ -383,6 +406,9 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
         original_context: C_train recorded in the config (default: the source's max_position_embeddings;
             SmolLM2-135M was pretrained at 2048 before its extension to 8192).
         source_name: provenance name (default: the source config's _name_or_path or directory name).
+        link: hard-link the source's shards where dst is on its filesystem instead of copying them: for a
+            source nothing rewrites in place (a stage output; a user's directory that save_pretrained may
+            overwrite is copied).
 
     Raises:
         CheckpointError: missing config, not a RoPE Llama model, already DroPE, pickle-only weights,
@@ -401,35 +427,40 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
     fields = drope_config_fields(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
                                  original_context=original_context, source_model=str(name), source_sha256="")
     additions = qk_norm_additions(src, files, fields)
+    names = {files[0]: LONE_SHARD} if additions and index is None else {}
     with ThreadPoolExecutor(1) as background, atomic_directory(dst) as tmp:
         # transformers takes seconds to import: it loads, and checks the config, while the shards copy
         probe = background.submit(drope_config, fields)
-        src_hashes, out_hashes = rewrite_shards(
-            files, tmp, additions, progress=progress, desc=f"drop-rope {src.name}")
+        hashes = copy_shards(files, tmp, names, link=link, progress=progress, desc=f"drop-rope {src.name}")
+        if additions:
+            (tmp / NORM_SHARD).write_bytes(norm_shard_bytes(additions))
+        if additions or index is not None:
+            write_index(tmp, files, index, names, additions)
         probe.result()
+        src_hashes = {f.name: hashes[names.get(f, f.name)] for f in files}
         config = drope_config({**fields, "source_sha256": source_digest(src, files, src_hashes)})
         config.to_json_file(tmp / "config.json", use_diff=False)
-        if index is not None:
-            write_index(tmp, index, additions)
         copy_tokenizer_files(src, tmp)
-        write_manifest(tmp, out_hashes)
+        write_manifest(tmp, hashes)
     return dst
 
 
-def qk_norm_additions(src: Path, files: list[Path], fields: dict) -> dict[Path, dict[str, Ones]]:
-    """The QK-norm weights each shard gains: a layer's norms go into the shard that holds its q_proj."""
-    headers = {f: read_header(f) for f in files}
-    additions: dict[Path, dict[str, Ones]] = {f: {} for f in files}
+def qk_norm_additions(src: Path, files: list[Path], fields: dict) -> dict[str, Ones]:
+    """The QK-norm weights the checkpoint gains (in NORM_SHARD), each in its layer's q_proj dtype."""
+    headers = {f: read_header(f)[0] for f in files}
+    if any(f.name == NORM_SHARD for f in files):
+        raise CheckpointError(f"{src}: already has a {NORM_SHARD}; start from a checkpoint without QK-norm")
+    additions: dict[str, Ones] = {}
     for layer in range(fields["num_hidden_layers"]):
         key = f"model.layers.{layer}.self_attn.q_proj.weight"
-        home = next((f for f in files if key in headers[f][0]), None)
-        if home is None:
+        header = next((h for h in headers.values() if key in h), None)
+        if header is None:
             raise CheckpointError(f"{src}: weights lack {key}; not a Llama-layout checkpoint")
-        norms = norm_weights(fields, layer, float_dtype(headers[home][0][key]["dtype"], key))
-        clash = [k for k in norms if any(k in h for h, _ in headers.values())]
+        norms = norm_weights(fields, layer, float_dtype(header[key]["dtype"], key))
+        clash = [k for k in norms if any(k in h for h in headers.values())]
         if clash:
             raise CheckpointError(f"{src}: already has {clash[0]}; start from a checkpoint without QK-norm")
-        additions[home].update(norms)
+        additions.update(norms)
     return additions
 
 
@@ -445,12 +476,18 @@ def source_digest(src: Path, files: list[Path], src_hashes: dict[str, str]) -> s
     return manifest_digest(source_manifest)
 
 
-def write_index(dst: Path, index: dict, additions: dict[Path, dict[str, Ones]]) -> None:
-    """The source's safetensors index with the added norms mapped to their shards and counted in total_size."""
-    weight_map = dict(index["weight_map"])
-    for f, added in additions.items():
-        weight_map.update({k: f.name for k in added})
-    added_bytes = sum(len(t.tobytes()) for a in additions.values() for t in a.values())
+def write_index(dst: Path, files: list[Path], index: dict | None, names: dict[Path, str],
+                added: dict[str, Ones]) -> None:
+    """The safetensors index of the source's shards (renamed per names) and NORM_SHARD, total_size counting
+    the added norms; a single-file source gets its first index here."""
+    if index is None:
+        header, _ = read_header(files[0])
+        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+        index = {"metadata": {"total_size": max((v["data_offsets"][1] for v in tensors.values()), default=0)},
+                 "weight_map": dict.fromkeys(tensors, files[0].name)}
+    renamed = {f.name: names.get(f, f.name) for f in files}
+    weight_map = {k: renamed[v] for k, v in index["weight_map"].items()}
+    weight_map.update(dict.fromkeys(added, NORM_SHARD))
     meta = dict(index.get("metadata") or {})
-    meta["total_size"] = int(meta.get("total_size", 0)) + added_bytes
+    meta["total_size"] = int(meta.get("total_size", 0)) + sum(len(t.tobytes()) for t in added.values())
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))

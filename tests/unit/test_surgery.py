@@ -52,6 +52,37 @@ def test_default_surgery_writes_complete_drope_checkpoint(sharded_debug_checkpoi
     assert torch.isfinite(logits(model, torch.randint(0, 258, (1, 40)))).all()
 
 
+def test_source_shards_are_kept_byte_for_byte(debug_checkpoint, sharded_debug_checkpoint, tmp_path):
+    """Every source shard is copied as is (a lone model.safetensors under a shard name, so that
+    transformers reads the index), the norms are the one new shard, and the manifest matches the files."""
+    sharded = drop_rope(sharded_debug_checkpoint, tmp_path / "sharded", progress=False)
+    lone = drop_rope(debug_checkpoint, tmp_path / "lone", progress=False)
+    source_shards = sorted(sharded_debug_checkpoint.glob("*.safetensors"))
+    assert len(source_shards) > 1
+    for f in source_shards:
+        assert (sharded / f.name).read_bytes() == f.read_bytes()
+    assert (lone / "model-00001-of-00001.safetensors").read_bytes() == (debug_checkpoint / "model.safetensors").read_bytes()
+    assert not (lone / "model.safetensors").exists()
+    for out, n_shards in ((sharded, len(source_shards) + 1), (lone, 2)):
+        weight_map = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+        assert weight_map["model.layers.0.self_attn.q_norm.weight"] == "qk-norm.safetensors"
+        assert len(set(weight_map.values())) == n_shards and verify_manifest(out) == []
+    model, info = AutoModelForCausalLM.from_pretrained(lone, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert torch.equal(model.model.layers[0].self_attn.k_norm.weight, torch.ones(32))
+
+
+def test_link_shares_the_source_shards(sharded_debug_checkpoint, tmp_path):
+    """link=True (the stage's way): the output's shards are the source's files, nothing copied; the copy
+    (default) leaves them separate files."""
+    linked = drop_rope(sharded_debug_checkpoint, tmp_path / "linked", link=True, progress=False)
+    copied = drop_rope(sharded_debug_checkpoint, tmp_path / "copied", progress=False)
+    for f in sharded_debug_checkpoint.glob("*.safetensors"):
+        assert (linked / f.name).samefile(f) and not (copied / f.name).samefile(f)
+    assert verify_manifest(linked) == [] and json.loads((linked / "drope-manifest.json").read_text()) == \
+        json.loads((copied / "drope-manifest.json").read_text())
+
+
 def test_nope_every_and_q_only(debug_checkpoint, tmp_path):
     assert layers_keeping_rope(8, nope_every=4) == [0, 1, 2, 4, 5, 6]  # SmolLM3: layers 3, 7 NoPE
     out = drop_rope(debug_checkpoint, tmp_path / "d", qk_norm="q", nope_every=2, progress=False)
@@ -102,6 +133,7 @@ def _no_config(path, src):
     ("layer_range", "rope_layers: layer 7 out of range"),
     ("dst_exists", "already exists"),
     ("bad_field", "rms_norm_eps.*fix that field"),  # refused by DropeConfig, built while the shards copy
+    ("truncated", "size does not match its header"),
 ])
 def test_refusals_are_one_line_and_leave_nothing(debug_checkpoint, tmp_path, case, expected):
     src, kwargs = debug_checkpoint, {}
@@ -119,6 +151,10 @@ def test_refusals_are_one_line_and_leave_nothing(debug_checkpoint, tmp_path, cas
         src = shutil.copytree(debug_checkpoint, tmp_path / "bad")
         (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
                                                      "rms_norm_eps": "1e-5"}))
+    elif case == "truncated":
+        src = shutil.copytree(debug_checkpoint, tmp_path / "cut")
+        data = (src / "model.safetensors").read_bytes()
+        (src / "model.safetensors").write_bytes(data[:-64])
     dst = tmp_path / "out"
     if case == "dst_exists":
         dst.mkdir()

@@ -34,10 +34,14 @@ def main_drop_rope(argv: list[str]) -> int:
     which.add_argument("--keep-rope-layers", type=_layer_list, metavar="I,J,...", help="layers that keep RoPE")
     p.add_argument("--original-context", type=int, metavar="C",
                    help="context the model was pretrained at (default: config max_position_embeddings)")
+    p.add_argument("--link", action="store_true",
+                   help="hard-link the source's shards (same filesystem) instead of copying them: only for a "
+                        "source nothing rewrites in place")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     out = drop_rope(a.src, a.dst, qk_norm=a.qk_norm, qk_norm_scope=a.qk_norm_scope, rope_layers=a.keep_rope_layers,
-                    nope_every=a.nope_every, original_context=a.original_context, progress=not a.no_progress)
+                    nope_every=a.nope_every, original_context=a.original_context, link=a.link,
+                    progress=not a.no_progress)
     print(out)
     return 0
 

@@ -3,7 +3,9 @@
     drope drop-rope ckpt/smollm2 ckpt/smollm2-drope --qk-norm qk --original-context 2048   # alone
 
 The math is drope_ops.surgery.drop_rope; this stage materializes the source checkpoint on its node,
-writes the DroPE checkpoint (manifest last) and publishes it to the run's storage.
+writes the DroPE checkpoint (manifest last) and publishes it to the run's storage. The source is a stage
+output (written once, never rewritten in place), so its shards are hard-linked where the filesystem
+allows: the stage reads them once, to check them against their manifest, and writes no weight bytes.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def run(spec, ctx) -> dict:
     d = spec.drop_rope
     with stage_io.output_dir(ctx.output) as out:
         drop_rope(src, out, qk_norm=d.qk_norm, qk_norm_scope=d.qk_norm_scope, rope_layers=d.rope_layers or None,
-                  nope_every=d.nope_every, original_context=spec.model.original_context)
+                  nope_every=d.nope_every, original_context=spec.model.original_context, link=True)
         config = json.loads((Path(out) / "config.json").read_text())
     removed = config.get("source_rope_parameters") or {}
     return {"qk_norm": d.qk_norm, "rope_layers": len(d.rope_layers),
