@@ -1,6 +1,6 @@
 """Benchmark: drop_rope on a Llama-2-7B-shaped checkpoint against `cp -r` of the same files.
 
-    .venv/bin/python benchmarks/surgery_vs_cp.py [--workdir /tmp] [--max-shard-gb 2] [--layers 32]
+    .venv/bin/python benchmarks/surgery_vs_cp.py [--workdir /tmp] [--max-shard-gb 2] [--layers 32] [--parts]
 
 Writes a random fp16 safetensors checkpoint shaped like Llama-2-7B (32 layers, hidden 4096, ffn 11008,
 32 heads, vocab 32000, ~13.5 GB in several shards) into a temporary directory, then in one run:
@@ -9,6 +9,8 @@ Writes a random fp16 safetensors checkpoint shaped like Llama-2-7B (32 layers, h
                                                  add the QK-norm shard, check the config with transformers)
   3. `drope drop-rope --link SRC DST && sync`      (the workflow stage's way: shards hard-linked, read once
                                                  to hash them)
+  --before CHECKOUT: also drop-rope from another checkout (the previous commit, say), in the same rounds
+  --parts: also the surgery's halves alone: the shard copy + hash, and the transformers import
 in --rounds rounds whose order alternates (neither always runs on the page cache the other left),
 and prints the median wall(surgery) / median wall(cp) of both (goal <= 1.5) and the surgery's peak RSS /
 largest shard (goal <= 1.2). Needs about 2.1x the checkpoint size free on --workdir; everything is removed at the end.
@@ -118,31 +120,46 @@ def _children_cpu() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def timed_cp(src: Path, dst: Path) -> dict:
-    """Wall incl. sync and CPU seconds of `cp -r`."""
+def timed_command(argv: list[str]) -> dict:
+    """Wall incl. sync and CPU seconds of a command."""
     t, cpu = time.perf_counter(), _children_cpu()
-    subprocess.run(["cp", "-r", str(src), str(dst)], check=True)
-    cp_cpu = _children_cpu() - cpu
+    subprocess.run(argv, check=True)
+    cpu = _children_cpu() - cpu
     subprocess.run(["sync"], check=True)
-    return dict(wall=time.perf_counter() - t, cpu=cp_cpu)
+    return dict(wall=time.perf_counter() - t, cpu=cpu)
 
 
-RUNS = {"cp": lambda src, dst: timed_cp(src, dst), "drop-rope": lambda src, dst: timed_surgery(src, dst),
+# --parts: the surgery's two halves alone, each in its own process
+COPY_PART = """
+import sys
+from pathlib import Path
+from drope_ops.surgery import copy_shards, weight_files
+Path(sys.argv[2]).mkdir()
+copy_shards(weight_files(sys.argv[1])[0], Path(sys.argv[2]), progress=False)
+"""
+PARTS = {"part: copy + hash": lambda src, dst: timed_command([sys.executable, "-c", COPY_PART, str(src), str(dst)]),
+         "part: transformers import": lambda src, dst: timed_command([sys.executable, "-c", "import drope_ops.modeling"])}
+
+
+RUNS = {"cp": lambda src, dst: timed_command(["cp", "-r", str(src), str(dst)]),
+        "drop-rope": lambda src, dst: timed_surgery(src, dst),
         "drop-rope --link": lambda src, dst: timed_surgery(src, dst, "--link")}
 
 
-def rounds(src: Path, scratch: Path, n: int, before: str | None) -> dict[str, list[dict]]:
+def rounds(src: Path, scratch: Path, n: int, before: str | None, parts: bool) -> dict[str, list[dict]]:
     """n rounds of each of RUNS, the order reversed every other round so none always finds the page
     cache another left; each output is removed and synced before the next run."""
     todo = dict(RUNS)
     if before:
         todo["drop-rope (before)"] = lambda src, dst: timed_surgery(src, dst, tree=before)
+    if parts:
+        todo.update(PARTS)
     runs: dict[str, list[dict]] = {name: [] for name in todo}
     for k in range(n):
         for name in (list(todo) if k % 2 == 0 else reversed(todo)):
             dst = scratch / "out"
             runs[name].append(todo[name](src, dst))
-            shutil.rmtree(dst)
+            shutil.rmtree(dst, ignore_errors=True)
             subprocess.run(["sync"], check=True)
         print(f"  round {k + 1}: " + ", ".join(f"{name} {r[-1]['wall']:.1f} s" for name, r in runs.items()), flush=True)
     return runs
@@ -157,12 +174,15 @@ def report(runs: dict[str, list[dict]], total: int, largest: int, shards: int, n
     print(f"checkpoint: {shards} shards, {total / 1e9:.2f} GB, largest shard {largest / 1e9:.2f} GB; medians of {n} rounds")
     print(f"machine load average:    {os.getloadavg()[0]:7.1f}  on {os.cpu_count()} cores")
     print(f"{'cp -r + sync:':25}{t_cp:7.1f} s  ({total / t_cp / 1e9:.2f} GB/s, cp CPU {median(cps, 'cpu'):.1f} s)")
-    surgeries = [name for name in runs if name != "cp"]
+    surgeries = [name for name in runs if name.startswith("drop-rope")]
     for name in surgeries:
         r, t = runs[name], median(runs[name], "wall")
         print(f"{name + ' + sync:':25}{t:7.1f} s  (child: CLI import {median(r, 't_import'):.2f} s, command "
               f"{median(r, 't_run'):.1f} s, CPU {median(r, 'cpu'):.1f} s)")
         print(f"  wall ratio / cp:       {t / t_cp:7.2f}  (goal <= 1.5)")
+    for name in (name for name in runs if name.startswith("part")):
+        print(f"{name + ':':25}{median(runs[name], 'wall'):7.1f} s  (CPU {median(runs[name], 'cpu'):.1f} s; "
+              f"/ cp {median(runs[name], 'wall') / t_cp:.2f})")
     rss = max(r["rss"] for name in surgeries for r in runs[name])
     print(f"peak RSS / largest shard:{rss / largest:7.2f}  (goal <= 1.2; peak RSS {rss / 1e9:.2f} GB)")
 
@@ -175,6 +195,8 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of cp and drop-rope (order alternating); medians")
     ap.add_argument("--before", metavar="CHECKOUT", help="also time drop-rope from another checkout of drope (e.g. "
                     "`git worktree add /tmp/before HEAD~1`) in the same rounds")
+    ap.add_argument("--parts", action="store_true", help="also time the surgery's halves alone: the shard copy + "
+                    "hash, and the transformers import its config check needs")
     a = ap.parse_args()
     cfg = {**LLAMA2_7B, "num_hidden_layers": a.layers}
     need = 2.1 * 2 * sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))
@@ -188,7 +210,7 @@ def main() -> int:
         files = write_checkpoint(root / "src", cfg, int(a.max_shard_gb * 1e9))
         total, largest = sum(p.stat().st_size for p in files), max(p.stat().st_size for p in files)
         subprocess.run(["sync"], check=True)
-        runs = rounds(root / "src", root, a.rounds, a.before)
+        runs = rounds(root / "src", root, a.rounds, a.before, a.parts)
         report(runs, total, largest, len(files), a.rounds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
