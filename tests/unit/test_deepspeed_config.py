@@ -1,11 +1,15 @@
 """The DeepSpeed config recalibrate hands every worker: stage, per-device ZeRO settings, batch arithmetic,
 checked against DeepSpeed's own zero_optimization schema (which forbids unknown keys)."""
 
+import copy
+
 import pytest
+import torch
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from drope_ops.errors import SpecError
-from workflows.stages.recalibrate import ZERO_DEFAULTS, RecalibrateConfig, check_zero_settings, deepspeed_config
+from workflows.stages.recalibrate import (ZERO_DEFAULTS, RecalibrateConfig, _optimizer, check_zero_settings,
+                                         deepspeed_config)
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
@@ -77,3 +81,26 @@ def test_zero_settings_not_a_mapping():
 def test_misspelt_or_mistyped_zero_settings_named(settings, key):
     with pytest.raises(SpecError, match=f"recalibrate.zero_settings.{key}"):
         check_zero_settings(RecalibrateConfig(zero_settings=settings))
+
+
+def test_fused_optimizer_moves_weights_as_reference_adamw():
+    """drope's AdamW runs fused (one kernel a step); its steps must match torch's reference AdamW with the
+    same groups: weight decay on matrices, none on norms and biases."""
+    torch.manual_seed(0)
+    ours_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
+    theirs_model = copy.deepcopy(ours_model)
+    cfg = RecalibrateConfig(lr=1e-2, weight_decay=0.1)
+    ours = _optimizer(ours_model, cfg)
+    assert ours.defaults["fused"] is True, "recalibrate's AdamW should take the fused path"
+    params = list(theirs_model.parameters())
+    theirs = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
+                                {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
+                               lr=1e-2, betas=cfg.betas, eps=1e-8, foreach=False)
+    for _ in range(5):
+        x = torch.randn(8, 16)
+        for model, opt in ((ours_model, ours), (theirs_model, theirs)):
+            opt.zero_grad()
+            model(x).pow(2).mean().backward()
+            opt.step()
+    for a, b in zip(ours_model.parameters(), theirs_model.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -273,7 +273,9 @@ def _optimizer(model, cfg: RecalibrateConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8)
+    # fused: one kernel a step over each tensor instead of a dozen passes; on CPU (one thread) it updates a
+    # 12.6 M-element ZeRO partition in 6 ms against 69 ms (README "Speed against the alternatives")
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=cfg.betas, eps=1e-8, fused=True)
 
 
 # ---------------------------------------------------------------------------------------------------
