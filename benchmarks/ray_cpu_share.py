@@ -3,7 +3,7 @@
     .venv/bin/python benchmarks/ray_cpu_share.py --hidden 512 --layers 6 --seq 512     # ~2 min on 2 cores
 
 recalibrate_vs_peers.py finds the same DeepSpeed train_step 7-11% slower inside Ray Train than under
-torchrun. This runs recalibrate() once (local Ray, ZeRO-2, 2 CPU workers of 1 thread) while a thread
+torchrun. This runs recalibrate() once (local Ray, ZeRO-2, --workers CPU workers of 1 thread) while a thread
 samples every process of the Ray session (psutil, every 0.2 s), and rank 0's metrics sink writes a
 timestamp per step. Over the steady steps (after --skip) it prints the CPU seconds of each kind of
 process: the two ranks (RayTrainWorker), the Train controller and its helper actors, the raylet, the
@@ -28,6 +28,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
+from recalibrate_step_time import shape_arguments  # noqa: E402  (benchmarks/ is on sys.path above)
+
 
 class StepClock:
     """Metrics sink for rank 0: appends `step wall-time` to a file each logged step."""
@@ -40,6 +42,9 @@ class StepClock:
             f.write(f"{step} {time.time()}\n")
 
 
+RANKS = "ranks (RayTrainWorker)"
+
+
 def kind(p: psutil.Process) -> str | None:
     """The kind of a Ray session process, or None for a process outside it."""
     try:
@@ -50,7 +55,7 @@ def kind(p: psutil.Process) -> str | None:
     if p.pid == os.getpid():
         return "driver (this process)"
     if "RayTrainWorker" in cmd or "RayTrainWorker" in name:
-        return "ranks (RayTrainWorker x2)"
+        return RANKS
     if name.startswith("ray::") or cmd.startswith("ray::"):
         return "Train controller + helper actors"
     if "raylet" in name:
@@ -93,14 +98,8 @@ def cpu_between(samples, t0: float, t1: float) -> dict[str, float]:
 
 
 def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--hidden", type=int, default=512)
-    p.add_argument("--layers", type=int, default=6)
-    p.add_argument("--seq", type=int, default=512)
-    p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--skip", type=int, default=2)
-    p.add_argument("--global-batch", type=int, default=8)
-    p.add_argument("--micro-batch", type=int, default=2)
+    p = shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=10, skip=2)
+    p.set_defaults(hidden=512, layers=6, seq=512)
     args = p.parse_args()
     import ray
 
@@ -112,7 +111,7 @@ def main() -> int:
     ckpt = str(make_debug_checkpoint(f"{tmp}/ckpt", hidden_size=args.hidden, intermediate_size=4 * args.hidden,
                                      num_hidden_layers=args.layers, max_position_embeddings=args.seq))
     cfg = RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
-                            num_workers=2, zero_stage=2, checkpoint_every=args.steps, max_failures=0, lr=1e-3,
+                            num_workers=args.workers, zero_stage=2, checkpoint_every=args.steps, max_failures=0, lr=1e-3,
                             warmup_steps=1, loss_spike_factor=None)
     data = DataConfig(source="shakespeare", seq_len=args.seq,
                       max_tokens=(args.steps + 2) * args.global_batch * args.seq)
@@ -139,7 +138,7 @@ def main() -> int:
     print(f"\n| process | CPU-s | share of the Ray session's CPU | cores busy |\n|---|---|---|---|")
     for k, v in sorted(used.items(), key=lambda kv: -kv[1]):
         print(f"| {k} | {v:.2f} | {v / total:.1%} | {v / wall:.2f} |")
-    others = total - used.get("ranks (RayTrainWorker x2)", 0.0)
+    others = total - used.get(RANKS, 0.0)
     print(f"\nnot the ranks: {others:.2f} CPU-s = {others / (cores * wall):.1%} of the box's cores over the steps")
     return 0
 
