@@ -210,13 +210,13 @@ def check_shards(root: Path, names: list[str], where: str) -> None:
     """A checkpoint without a manifest, checked against its own index and safetensors headers: every
     shard the index names is there, each header lists exactly the tensors the index puts in it, and
     each file is as long as its header says (not truncated)."""
-    from drope_ops.surgery import INDEX_NAME, read_header
+    from drope_ops.surgery import INDEX_NAME, data_length, read_header
 
     shards = [n for n in names if n.endswith(".safetensors")]
     tensors = {}
     for n in shards:
         header, start = read_header(root / n)
-        end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+        end = data_length(header)
         if (root / n).stat().st_size != start + end:
             raise CheckpointError(f"{where}/{n}: {(root / n).stat().st_size} bytes but its header says "
                                   f"{start + end}: truncated or corrupt; copy it again")

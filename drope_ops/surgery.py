@@ -247,6 +247,11 @@ def read_header(path: Path) -> tuple[dict, int]:
             raise CheckpointError(f"{path}: corrupt safetensors header; re-download or re-save it")
 
 
+def data_length(header: dict) -> int:
+    """Bytes of a safetensors file's data block, from its header: where the last tensor ends."""
+    return max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+
+
 def float_dtype(name: str, key: str) -> str:
     if name not in _ONE:
         raise CheckpointError(f"{key}: dtype {name} is not a float type; dequantize to F32/F16/BF16 first")
@@ -346,9 +351,8 @@ def _hard_link(src: Path, dst: Path) -> bool:
 def _checked_size(path: Path) -> int:
     """The file's size, refused unless it is exactly its header plus the data block the header describes."""
     header, start = read_header(path)
-    data_len = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
     size = path.stat().st_size
-    if size != start + data_len:
+    if size != start + data_length(header):
         raise CheckpointError(f"{path}: size does not match its header (truncated?); re-download it")
     return size
 
@@ -482,9 +486,8 @@ def write_index(dst: Path, files: list[Path], index: dict | None, names: dict[Pa
     the added norms; a single-file source gets its first index here."""
     if index is None:
         header, _ = read_header(files[0])
-        tensors = {k: v for k, v in header.items() if k != "__metadata__"}
-        index = {"metadata": {"total_size": max((v["data_offsets"][1] for v in tensors.values()), default=0)},
-                 "weight_map": dict.fromkeys(tensors, files[0].name)}
+        index = {"metadata": {"total_size": data_length(header)},
+                 "weight_map": dict.fromkeys((k for k in header if k != "__metadata__"), files[0].name)}
     renamed = {f.name: names.get(f, f.name) for f in files}
     weight_map = {k: renamed[v] for k, v in index["weight_map"].items()}
     weight_map.update(dict.fromkeys(added, NORM_SHARD))
