@@ -1,12 +1,12 @@
 """drope's recalibration against the alternatives a user would pick instead, same model and tokens, one run.
 
     .venv/bin/python benchmarks/recalibrate_vs_peers.py --zero-stage 2 1                    # debug shape, ~2.5 min
-    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512   # ~4 min on 2 cores
+    .venv/bin/python benchmarks/recalibrate_vs_peers.py --hidden 512 --layers 6 --seq 512 --zero-stage 0 1 2  # ~14 min
 
 Four ways to run the same training (model, tokens per step, micro batch, accumulation, AdamW, clipping,
 steps), each its own process(es):
-  drope     recalibrate(): Ray Train + DeepSpeed (drope's deepspeed_config, each ZeRO --zero-stage) on --workers
-            CPU workers (gloo, 1 thread each)
+  drope     recalibrate(): Ray Train + DeepSpeed (drope's deepspeed_config, each ZeRO --zero-stage; 0 = ZeRO off)
+            on --workers CPU workers (gloo, 1 thread each)
   HF        transformers Trainer, the official DroPE recipe's trainer, launched with torchrun on --workers
             CPU processes. On CPU, accelerate (pinned 1.16.0) takes TrainingArguments(use_cpu=True) as
             MULTI_CPU DDP over gloo and skips the DeepSpeed set-up (it initializes DeepSpeed only when
@@ -48,6 +48,10 @@ def bench_config(args, zero_stage: int = 2):
     return RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
                              num_workers=args.workers, zero_stage=zero_stage, checkpoint_every=args.steps,
                              max_failures=0, lr=1e-3, warmup_steps=1, loss_spike_factor=None)
+
+
+def zero_name(stage: int) -> str:
+    return "ZeRO off" if stage == 0 else f"ZeRO-{stage}"
 
 
 def step_rows(blocks: torch.Tensor, cfg, step: int, rank: int, world: int) -> torch.Tensor:
@@ -160,7 +164,7 @@ def step_seconds(history: list[dict], wall: float, tokens: int) -> tuple[list[fl
 
 def main() -> None:
     p = shape_arguments(argparse.ArgumentParser(description=__doc__.split("\n\n")[0]), steps=6, skip=2)
-    p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[1, 2], help="one drope row each")
+    p.add_argument("--zero-stage", type=int, nargs="+", default=[2], choices=[0, 1, 2], help="one drope row each (0: ZeRO off)")
     p.add_argument("--hf-deepspeed", action="store_true", help="HF Trainer with a DeepSpeed config instead of use_cpu")
     p.add_argument("--role", choices=["hf", "ddp"], help=argparse.SUPPRESS)
     p.add_argument("--ckpt", help=argparse.SUPPRESS)
@@ -200,7 +204,7 @@ def compare(args) -> None:
     hf_name = "HF Trainer + DeepSpeed (torchrun)" if args.hf_deepspeed else "HF Trainer + DDP gloo (torchrun)"
     launch = {
         "bare (1 process)": lambda: timed(lambda: bare_loop(ckpt, blocks, cfg, threads=args.workers)),
-        **{f"drope (Ray + ZeRO-{z})": lambda z=z: step_seconds(*ray_recalibrate(
+        **{f"drope (Ray + {zero_name(z)})": lambda z=z: step_seconds(*ray_recalibrate(
             ckpt, data, bench_config(args, z), tempfile.mkdtemp(dir=tmp), tokens), tokens)
            for z in args.zero_stage},
         hf_name: lambda: torchrun(args, "hf", ckpt, f"{tmp}/blocks.pt", f"{tmp}/hf.json"),
@@ -231,8 +235,8 @@ def report(args, runs: dict, tokens: int, hf_name: str) -> None:
     bare, hf, ddp = med["bare (1 process)"], med[hf_name], med["torchrun + DDP (no_sync)"]
     print(f"\nHF / bare: {hf / bare:.3f}   DDP / bare: {ddp / bare:.3f}")
     for z in args.zero_stage:
-        drope = med[f"drope (Ray + ZeRO-{z})"]
-        print(f"drope ZeRO-{z} / HF Trainer: {drope / hf:.3f} (goal <= 1.0)   / DDP: {drope / ddp:.3f}   "
+        drope = med[f"drope (Ray + {zero_name(z)})"]
+        print(f"drope {zero_name(z)} / HF Trainer: {drope / hf:.3f} (goal <= 1.0)   / DDP: {drope / ddp:.3f}   "
               f"/ bare: {drope / bare:.3f} (goal <= 1.10)")
     print(f"load average after: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
 

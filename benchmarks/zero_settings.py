@@ -1,4 +1,4 @@
-"""Step time of drope's recalibration step under ZeRO-1 / ZeRO-2 settings, side by side in one run.
+"""Step time of drope's recalibration step under ZeRO-1 / ZeRO-2 settings and ZeRO off, side by side in one run.
 
     .venv/bin/python benchmarks/zero_settings.py                                      # debug shape
     .venv/bin/python benchmarks/zero_settings.py --hidden 512 --layers 6 --seq 512 --steps 5
@@ -11,7 +11,8 @@ defaults; paired: every step runs all settings back to back) and to a bare singl
 model, AdamW, tokens per step and accumulation, --workers threads) measured just before.
 
 ZeRO-2 keeps only its partition of the gradients, so it reduce-scatters after every micro-batch;
-ZeRO-1 keeps whole gradients and reduces once, at the accumulation boundary.
+ZeRO-1 keeps whole gradients and reduces once, at the accumulation boundary; ZeRO off (stage 0) too,
+and each rank then steps its whole AdamW without partitions to gather back.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
     ("ZeRO-2 reduce_scatter off (all-reduce)", 2, {**DS_DEFAULTS, "reduce_scatter": False}),
     ("ZeRO-1 DeepSpeed defaults", 1, DS_DEFAULTS),
     ("ZeRO-1 overlap_comm", 1, {**DS_DEFAULTS, "overlap_comm": True}),
+    ("ZeRO off (stage 0: client AdamW, one all-reduce a step)", 0, DS_DEFAULTS),
 ]
 
 

@@ -76,6 +76,8 @@ def model_states(spec: WorkflowSpec, n: int, largest_layer: int, gpus: int) -> t
     estimators (ZeRO-3 with zero.Init, as recalibrate builds it)."""
     r, per_node = spec.recalibrate, min(gpus, spec.plan.gpus_per_node)
     nodes = math.ceil(gpus / per_node)
+    if r.zero_stage == 0:  # ZeRO off (CPU workers only): fp32 weights, gradients, AdamW m and v on every rank
+        return 16 * n, per_node * 16 * n
     if r.zero_stage == 3:
         from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
 
@@ -159,7 +161,7 @@ def describe(spec: WorkflowSpec) -> str:
                  f"rope kept in {spec.drop_rope.rope_layers or 'no'} layers; 1 CPU task, streams shards")
     tokens = r.steps * r.global_batch * seq
     res = f"{r.num_workers} workers x ({'1 GPU, ' if r.use_gpu else ''}{r.cpus_per_worker} CPU)"
-    lines.append(f"  recalibrate: {res}, ZeRO-{r.zero_stage}, {r.steps} steps x {r.global_batch} seqs x "
+    lines.append(f"  recalibrate: {res}, {'ZeRO off' if r.zero_stage == 0 else f'ZeRO-{r.zero_stage}'}, {r.steps} steps x {r.global_batch} seqs x "
                  f"{seq or '?'} tokens = {_count(tokens)} tokens, lr {r.lr}")
     lines += _data_lines(spec, seq)
     if a is not None and seq:

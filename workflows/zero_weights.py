@@ -299,8 +299,10 @@ def _write_config(source_dir, out_dir: Path, dtype: torch.dtype) -> None:
 # ---------------------------------------------------------------------------------------------------
 # Checkpoints: each rank writes and reads only its own shard files.
 
-SHARED_FILES = {1: ("mp_rank_00_model_states.pt",), 2: ("mp_rank_00_model_states.pt",), 3: ()}
-"""DeepSpeed files every rank reads (ZeRO-1/2: the module weights, written by rank 0 only)."""
+SHARED_FILES = {0: ("mp_rank_00_model_states.pt",), 1: ("mp_rank_00_model_states.pt",),
+                2: ("mp_rank_00_model_states.pt",), 3: ()}
+"""DeepSpeed files every rank reads, written by rank 0 only (ZeRO-1/2: the module weights; ZeRO off:
+the module weights and the whole optimizer state, no per-rank shard at all)."""
 
 
 def own_shards(rank: int, names: list[str]) -> list[str]:
@@ -311,8 +313,9 @@ def own_shards(rank: int, names: list[str]) -> list[str]:
 def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
     """Why a checkpoint (its tag directory's file names) cannot be resumed by `world` ranks, naming the
     first rank whose shard is missing; None when complete. ZeRO-3: every rank needs its optimizer and
-    model-states shard; ZeRO-1/2: its optimizer shard, and rank 0's module weights."""
-    kinds = ("optim_states", "model_states") if zero_stage == 3 else ("optim_states",)
+    model-states shard; ZeRO-1/2: its optimizer shard, and rank 0's module weights; ZeRO off: rank 0's
+    module weights and optimizer state only."""
+    kinds = {0: (), 3: ("optim_states", "model_states")}.get(zero_stage, ("optim_states",))
     for rank in range(world):
         mine = own_shards(rank, names)
         for kind in kinds:
@@ -320,7 +323,7 @@ def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
                 return f"the {kind} shard of rank {rank} is missing"
     for name in SHARED_FILES[zero_stage]:
         if name not in names:
-            return f"{name} (rank 0's module weights) is missing"
+            return f"{name} (rank 0's module weights{' and optimizer state' if zero_stage == 0 else ''}) is missing"
     return None
 
 

@@ -121,6 +121,38 @@ def test_zero3_drope_resumes_writes_its_weights_and_refuses_a_missing_rank_shard
     assert "\n" not in str(e.value)
 
 
+def test_zero_off_resumes_exactly_clips_like_deepspeed_and_refuses_missing_states(
+        reference, debug_checkpoint, tmp_path):
+    """ZeRO off (stage 0, CPU): one all-reduce per step, drope clips the gradients itself. Stop at 2 and
+    resume to 4 ends on an uninterrupted run's weights bit for bit; the first steps' gradient norms and
+    losses are ZeRO-2's (same weights, batches and clipping); without rank 0's states, no resume."""
+    base = {**BASE, "zero_stage": 0, "steps": 4, "checkpoint_every": 2}
+    storage, out = str(tmp_path / "storage"), str(tmp_path / "out")
+    whole = recalibrate(RecalibrateConfig(**base), data_cfg(), str(debug_checkpoint), str(tmp_path / "whole"),
+                        run_name="z0-whole", storage_path=storage)
+    first = recalibrate(RecalibrateConfig(**{**base, "stop_after_step": 2}), data_cfg(), str(debug_checkpoint),
+                        out, run_name="z0", storage_path=storage)
+    assert first["output"] is None
+    res = recalibrate(RecalibrateConfig(**base), data_cfg(), str(debug_checkpoint), out, run_name="z0",
+                      storage_path=storage)
+    assert res["start_step"] == 2 and res["probe_max_abs_diff"] == 0.0 and verify_manifest(out) == []
+    assert max_abs_diff(out, whole["output"]) == 0.0
+    norms = [h["grad_norm"] for h in whole["history"]]
+    assert norms[0] > RecalibrateConfig().grad_clip, "step 1's norm should be clipped, or the loss check below shows nothing"
+    for mine, zero2 in zip(whole["history"][:2], reference["history"][:2]):  # lr(step) is the same for both
+        assert mine["grad_norm"] == pytest.approx(zero2["grad_norm"], rel=1e-4)
+        assert mine["loss"] == pytest.approx(zero2["loss"], rel=1e-5)
+    tag = tmp_path / "storage" / "z0" / "checkpoint_step_000004" / "ds"
+    assert sorted(p.name for p in tag.iterdir()) == ["mp_rank_00_model_states.pt"]
+    (tag / "mp_rank_00_model_states.pt").unlink()
+    with pytest.raises(CheckpointError, match=r"mp_rank_00_model_states.pt \(rank 0's module weights and "
+                                              r"optimizer state\) is missing"):
+        recalibrate(RecalibrateConfig(**base), data_cfg(), str(debug_checkpoint), out, run_name="z0",
+                    storage_path=storage)
+    with pytest.raises(SpecError, match=r"recalibrate\.zero_stage=0 .* CPU workers"):
+        RecalibrateConfig(**{**base, "use_gpu": True})
+
+
 def test_copy_and_needle_blocks_train_on_their_scored_tokens(ray_local, texts, debug_checkpoint, tmp_path):
     """The micro reproduction's data: blocks holding ~t (no-loss) entries go through the real loop
     (decoded to tokens + labels), and the parity probe replays tokens, not the encoded entries."""

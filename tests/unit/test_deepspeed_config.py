@@ -25,6 +25,17 @@ def test_stage_and_device_settings(use_gpu, stage):
     assert parsed.stage == stage and parsed.overlap_comm == zero.get("overlap_comm", parsed.overlap_comm)
 
 
+def test_zero_off_on_cpu_clips_in_drope_not_deepspeed():
+    # DeepSpeed without ZeRO clips fp32 gradients but keeps no norm: train_step clips them and logs it
+    ds = deepspeed_config(RecalibrateConfig(zero_stage=0, grad_clip=0.5), world_size=2)
+    assert ds["zero_optimization"]["stage"] == 0 and ds["gradient_clipping"] == 0.0
+    assert deepspeed_config(RecalibrateConfig(zero_stage=1, grad_clip=0.5), 2)["gradient_clipping"] == 0.5
+    assert RecalibrateConfig(offload_optimizer=True).zero_stage == 2  # auto: offload needs ZeRO
+    for bad in ({"use_gpu": True}, {"offload_optimizer": True}):
+        with pytest.raises(SpecError, match=r"recalibrate\.zero_stage=0 \(ZeRO off\) is for CPU workers"):
+            RecalibrateConfig(zero_stage=0, **bad)
+
+
 def test_device_defaults():
     cpu = deepspeed_config(RecalibrateConfig(use_gpu=False), 2)["zero_optimization"]
     gpu = deepspeed_config(RecalibrateConfig(use_gpu=True), 2)["zero_optimization"]
@@ -54,7 +65,8 @@ def test_user_zero_settings_win_over_device_defaults():
     for use_gpu in (False, True):
         cfg = RecalibrateConfig(use_gpu=use_gpu, zero_settings={"overlap_comm": False, "reduce_bucket_size": 10**7})
         zero = deepspeed_config(cfg, 2)["zero_optimization"]
-        assert zero["overlap_comm"] is False and zero["reduce_bucket_size"] == 10**7 and zero["stage"] == 2
+        assert zero["overlap_comm"] is False and zero["reduce_bucket_size"] == 10**7
+        assert zero["stage"] == (2 if use_gpu else 0), "zero_stage auto: ZeRO off on CPU, ZeRO-2 on GPUs"
 
 
 def test_offload_with_its_fields():

@@ -5,7 +5,7 @@
     recalibrate(RecalibrateConfig(steps=20, global_batch=8, micro_batch=2, num_workers=2),
                 DataConfig(source="shakespeare"), "ckpt/", "out/", run_name="r1", storage_path="/tmp/rr")
 
-DeepSpeed ZeRO 1/2/3 inside Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU), resumable to
+DeepSpeed ZeRO 1/2/3 (or ZeRO off, stage 0, on CPU) inside Ray Train workers (TorchTrainer; gloo on CPU, nccl on GPU), resumable to
 the exact step: every `checkpoint_every` steps each rank saves its DeepSpeed shard, the data position
 and its RNG states and reports them with ray.train.report; a relaunch with the same `run_name` and
 `storage_path`, or Ray's own restart after a worker dies (FailureConfig), continues from there. Each
@@ -58,7 +58,7 @@ STATE_FILE = "train_state.json"  # step and metric history (rank 0); data_rank{r
 PROBE_FILE = "probe_logits.pt"  # final in-training logits on a fixed batch (rank 0), for the parity check
 
 Schedule = Literal["cosine", "wsd"]
-ZeroStage = Literal[1, 2, 3]
+ZeroStage = Literal["auto", 0, 1, 2, 3]
 
 
 class TrainingDivergedError(DropeError):
@@ -90,8 +90,10 @@ class RecalibrateConfig:
     """GPU workers (nccl, bf16) or CPU workers (gloo, fp32)."""
     cpus_per_worker: float = 1.0
     """CPUs reserved per worker; also its torch thread count."""
-    zero_stage: ZeroStage = 2
-    """DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters)."""
+    zero_stage: ZeroStage = "auto"
+    """DeepSpeed ZeRO stage: 1 (optimizer states), 2 (+ gradients), 3 (+ parameters), or 0 on CPU workers:
+    ZeRO off, every rank keeps all states (16 bytes a parameter) and all-reduces gradients once per
+    optimizer step. auto: 0 on CPU workers (the fastest there, README "ZeRO settings on CPU"), 2 on GPUs."""
     offload_optimizer: bool = False
     """Keep optimizer states in CPU memory (ZeRO-Offload)."""
     offload_params: bool = False
@@ -142,6 +144,8 @@ class RecalibrateConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         check_choices(self, "recalibrate")
+        if self.zero_stage == "auto":  # CPU: measured (benchmarks/zero_settings.py); GPU: not measured here
+            self.zero_stage = 2 if self.use_gpu or self.offload_optimizer else 0
         positive = {"steps": self.steps, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
                     "checkpoint_every": self.checkpoint_every, "metrics_every": self.metrics_every}
         if self.num_workers != "auto":
@@ -163,6 +167,9 @@ class RecalibrateConfig:
         if owned := sorted({"stage", "offload_optimizer", "offload_param"} & set(self.zero_settings)):
             raise SpecError(f"recalibrate.zero_settings sets {owned[0]!r}; use recalibrate.zero_stage / "
                             f"offload_optimizer / offload_params instead")
+        if self.zero_stage == 0 and (self.use_gpu or self.offload_optimizer):
+            raise SpecError(f"recalibrate.zero_stage=0 (ZeRO off) is for CPU workers without offload, where it was "
+                            f"measured; with use_gpu / offload_optimizer set zero_stage: 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
             raise SpecError("recalibrate.offload_params needs zero_stage=3; set zero_stage: 3 or drop it")
         if not 0 <= self.warmup_steps < self.steps:
@@ -244,7 +251,8 @@ def deepspeed_config(cfg: RecalibrateConfig, world_size: int) -> dict:
         "train_batch_size": cfg.global_batch,
         "train_micro_batch_size_per_gpu": cfg.micro_batch,
         "gradient_accumulation_steps": cfg.global_batch // (world_size * cfg.micro_batch),
-        "gradient_clipping": cfg.grad_clip,
+        # ZeRO off: DeepSpeed clips fp32 gradients but drops their norm, so train_step clips them itself
+        "gradient_clipping": cfg.grad_clip if cfg.zero_stage else 0.0,
         "zero_optimization": zero,
         "bf16": {"enabled": cfg.use_gpu},  # fp32 on CPU: exact resume, and gloo has no bf16 reduce
         "zero_allow_untested_optimizer": True,  # our client torch AdamW (no cpu_adam JIT build)
@@ -368,10 +376,13 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
     batch = t.sampler.next_batch()  # (global_batch / world, seq_len)
     data_wait_s = time.perf_counter() - t_data  # ~0 while the prefetch thread keeps up
     batch = batch.to(t.engine.device)
+    grad_norm = None
     for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
         input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
         loss = t.engine(input_ids=input_ids, labels=labels).loss
-        t.engine.backward(loss)
+        t.engine.backward(loss)  # ZeRO off / 1: the gradient all-reduce happens at the boundary only
+        if cfg.zero_stage == 0 and t.engine.is_gradient_accumulation_boundary():
+            grad_norm = clip_gradients(t.engine.module, cfg.grad_clip)
         t.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         loss_sum += loss.detach()
     loss = loss_sum / cfg.grad_accum
@@ -379,11 +390,17 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
     torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.SUM)
     done = step + 1
     metrics = {"loss": loss.item() / t.world, "lr": lr_at(cfg, step),
-               "grad_norm": float(t.engine.get_global_grad_norm() or 0.0),
+               "grad_norm": grad_norm if grad_norm is not None else float(t.engine.get_global_grad_norm() or 0.0),
                "tokens_per_s": tokens_per_step / (time.perf_counter() - t0),
                "tokens_seen": float(done * tokens_per_step), "epoch": float(getattr(t.sampler, "epoch", 0)),
                "data_wait_s": data_wait_s, "step": done}
     return metrics, input_ids
+
+
+def clip_gradients(module: torch.nn.Module, max_norm: float) -> float:
+    """ZeRO off: clip the all-reduced gradients before the step as DeepSpeed's clip_fp32_gradients would,
+    and return their global norm (DeepSpeed's get_global_grad_norm has none without ZeRO)."""
+    return float(torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm or math.inf))
 
 
 def check_guard_rails(cfg: RecalibrateConfig, history: list[dict], loss: float, done: int) -> None:
