@@ -315,6 +315,8 @@ def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
     first rank whose shard is missing; None when complete. ZeRO-3: every rank needs its optimizer and
     model-states shard; ZeRO-1/2: its optimizer shard, and rank 0's module weights; ZeRO off: rank 0's
     module weights and optimizer state only."""
+    if zero_stage == 0 and any(own_shards(rank, names) for rank in range(world)):
+        return "it holds ZeRO's per-rank optimizer shards (written with zero_stage 1-3)"
     kinds = {0: (), 3: ("optim_states", "model_states")}.get(zero_stage, ("optim_states",))
     for rank in range(world):
         mine = own_shards(rank, names)
