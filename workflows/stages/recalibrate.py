@@ -346,7 +346,7 @@ def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
     names = zero_weights.checkpoint_files(checkpoint)
     tag_files = [n[len(DS_TAG) + 1:] for n in names if n.startswith(f"{DS_TAG}/")]
     if why := zero_weights.missing_rank(tag_files, t.world, cfg.zero_stage):
-        raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume ZeRO-{cfg.zero_stage} with {t.world} "
+        raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume zero_stage={cfg.zero_stage} with {t.world} "
                               f"ranks: {why}; relaunch with the num_workers and zero_stage it was written with, or a new run_name")
     if f"data_rank{t.rank}.json" not in names:
         raise SpecError(f"checkpoint {checkpoint.path} has no data position for rank {t.rank}; relaunch with "
