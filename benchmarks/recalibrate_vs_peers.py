@@ -50,10 +50,6 @@ def bench_config(args, zero_stage: int = 2):
                              max_failures=0, lr=1e-3, warmup_steps=1, loss_spike_factor=None)
 
 
-def zero_name(stage: int) -> str:
-    return "ZeRO off" if stage == 0 else f"ZeRO-{stage}"
-
-
 def step_rows(blocks: torch.Tensor, cfg, step: int, rank: int, world: int) -> torch.Tensor:
     """This rank's share of step `step`'s global batch: the rows bare_loop takes, split by rank."""
     batch = blocks[(step * cfg.global_batch) % (len(blocks) - cfg.global_batch):][: cfg.global_batch]
@@ -184,6 +180,7 @@ def main() -> None:
 
 def compare(args) -> None:
     """Every way of training, two passes, then the table and the ratios."""
+    from workflows.stages.recalibrate import zero_name
     from drope_ops.data import DataConfig, load_blocks
     from drope_ops.debugmodel import byte_level_tokenizer, make_debug_checkpoint
     from recalibrate_step_time import bare_loop, ray_recalibrate
@@ -224,6 +221,8 @@ def two_passes(launch: dict) -> dict:
 
 
 def report(args, runs: dict, tokens: int, hf_name: str) -> None:
+    from workflows.stages.recalibrate import zero_name
+
     steady = {name: [t for times, _ in passes for t in times[args.skip:]] for name, passes in runs.items()}
     med = {name: statistics.median(t) for name, t in steady.items()}
     print("\n| run | median step | tokens / s | median step, pass 1 / pass 2 | start-up + save (mean) |\n"

@@ -23,6 +23,7 @@ from drope_ops.data import token_budget
 from drope_ops.errors import DropeError, SpecError
 from workflows.pipeline import stage_names
 from workflows.spec import Architecture, WorkflowSpec
+from workflows.stages.recalibrate import zero_name
 
 GB = 1e9
 BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' default additional_buffer_factor
@@ -161,7 +162,7 @@ def describe(spec: WorkflowSpec) -> str:
                  f"rope kept in {spec.drop_rope.rope_layers or 'no'} layers; 1 CPU task, streams shards")
     tokens = r.steps * r.global_batch * seq
     res = f"{r.num_workers} workers x ({'1 GPU, ' if r.use_gpu else ''}{r.cpus_per_worker} CPU)"
-    lines.append(f"  recalibrate: {res}, {'ZeRO off' if r.zero_stage == 0 else f'ZeRO-{r.zero_stage}'}, {r.steps} steps x {r.global_batch} seqs x "
+    lines.append(f"  recalibrate: {res}, {zero_name(r.zero_stage)}, {r.steps} steps x {r.global_batch} seqs x "
                  f"{seq or '?'} tokens = {_count(tokens)} tokens, lr {r.lr}")
     lines += _data_lines(spec, seq)
     if a is not None and seq:

@@ -61,6 +61,11 @@ Schedule = Literal["cosine", "wsd"]
 ZeroStage = Literal["auto", 0, 1, 2, 3]
 
 
+def zero_name(stage: int) -> str:
+    """How logs, plans and benchmarks name a ZeRO stage: "ZeRO off" for 0, "ZeRO-N" otherwise."""
+    return "ZeRO off" if stage == 0 else f"ZeRO-{stage}"
+
+
 class TrainingDivergedError(DropeError):
     """The loss went NaN / inf or spiked; the run stopped, its last good checkpoint kept.
 
@@ -144,8 +149,9 @@ class RecalibrateConfig:
     def __post_init__(self):
         self.betas = tuple(self.betas)
         check_choices(self, "recalibrate")
+        needs_zero = self.use_gpu or self.offload_optimizer  # bf16 / offload: DeepSpeed partitions anyway
         if self.zero_stage == "auto":  # CPU: measured (benchmarks/zero_settings.py); GPU: not measured here
-            self.zero_stage = 2 if self.use_gpu or self.offload_optimizer else 0
+            self.zero_stage = 2 if needs_zero else 0
         positive = {"steps": self.steps, "global_batch": self.global_batch, "micro_batch": self.micro_batch,
                     "checkpoint_every": self.checkpoint_every, "metrics_every": self.metrics_every}
         if self.num_workers != "auto":
@@ -167,7 +173,7 @@ class RecalibrateConfig:
         if owned := sorted({"stage", "offload_optimizer", "offload_param"} & set(self.zero_settings)):
             raise SpecError(f"recalibrate.zero_settings sets {owned[0]!r}; use recalibrate.zero_stage / "
                             f"offload_optimizer / offload_params instead")
-        if self.zero_stage == 0 and (self.use_gpu or self.offload_optimizer):
+        if self.zero_stage == 0 and needs_zero:
             raise SpecError(f"recalibrate.zero_stage=0 (ZeRO off) is for CPU workers without offload, where it was "
                             f"measured; with use_gpu / offload_optimizer set zero_stage: 1, 2 or 3")
         if self.offload_params and self.zero_stage != 3:
@@ -346,7 +352,7 @@ def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
     names = zero_weights.checkpoint_files(checkpoint)
     tag_files = [n[len(DS_TAG) + 1:] for n in names if n.startswith(f"{DS_TAG}/")]
     if why := zero_weights.missing_rank(tag_files, t.world, cfg.zero_stage):
-        raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume zero_stage={cfg.zero_stage} with {t.world} "
+        raise CheckpointError(f"checkpoint {checkpoint.path} cannot resume {zero_name(cfg.zero_stage)} with {t.world} "
                               f"ranks: {why}; relaunch with the num_workers and zero_stage it was written with, or a new run_name")
     if f"data_rank{t.rank}.json" not in names:
         raise SpecError(f"checkpoint {checkpoint.path} has no data position for rank {t.rank}; relaunch with "
