@@ -5,12 +5,12 @@
 Writes a random fp16 safetensors checkpoint shaped like Llama-2-7B (32 layers, hidden 4096, ffn 11008,
 32 heads, vocab 32000, ~13.5 GB in several shards) into a temporary directory, then in one run:
   1. `cp -r SRC COPY && sync`                     (the floor: read + write every byte)
-  2. `drope drop-rope SRC DST && sync` as a child  (the CLI: copy the shards while hashing them once,
-                                                 add the QK-norm shard, check the config with transformers)
+  2. `drope drop-rope SRC DST && sync` as a child  (the CLI: check the config, copy the shards while
+                                                 hashing them once, a shard per core; add the QK-norm shard)
   3. `drope drop-rope --link SRC DST && sync`      (the workflow stage's way: shards hard-linked, read once
                                                  to hash them)
   --before CHECKOUT: also drop-rope from another checkout (the previous commit, say), in the same rounds
-  --parts: also the surgery's halves alone: the shard copy + hash, and the transformers import
+  --parts: also the surgery's shard copy + hash alone (copy_shards in a child, no CLI)
 in --rounds rounds whose order alternates (neither always runs on the page cache the other left),
 and prints the median wall(surgery) / median wall(cp) of both (goal <= 1.5) and the surgery's peak RSS /
 largest shard (goal <= 1.2). Needs about 2.1x the checkpoint size free on --workdir; everything is removed at the end.
@@ -129,7 +129,7 @@ def timed_command(argv: list[str]) -> dict:
     return dict(wall=time.perf_counter() - t, cpu=cpu)
 
 
-# --parts: the surgery's two halves alone, each in its own process
+# --parts: the surgery's shard copy + hash alone, in its own process
 COPY_PART = """
 import sys
 from pathlib import Path
@@ -137,8 +137,7 @@ from drope_ops.surgery import copy_shards, weight_files
 Path(sys.argv[2]).mkdir()
 copy_shards(weight_files(sys.argv[1])[0], Path(sys.argv[2]), progress=False)
 """
-PARTS = {"part: copy + hash": lambda src, dst: timed_command([sys.executable, "-c", COPY_PART, str(src), str(dst)]),
-         "part: transformers import": lambda src, dst: timed_command([sys.executable, "-c", "import drope_ops.modeling"])}
+PARTS = {"part: copy + hash": lambda src, dst: timed_command([sys.executable, "-c", COPY_PART, str(src), str(dst)])}
 
 
 RUNS = {"cp": lambda src, dst: timed_command(["cp", "-r", str(src), str(dst)]),
@@ -195,8 +194,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of cp and drop-rope (order alternating); medians")
     ap.add_argument("--before", metavar="CHECKOUT", help="also time drop-rope from another checkout of drope (e.g. "
                     "`git worktree add /tmp/before HEAD~1`) in the same rounds")
-    ap.add_argument("--parts", action="store_true", help="also time the surgery's halves alone: the shard copy + "
-                    "hash, and the transformers import its config check needs")
+    ap.add_argument("--parts", action="store_true", help="also time the surgery's shard copy + hash alone")
     a = ap.parse_args()
     cfg = {**LLAMA2_7B, "num_hidden_layers": a.layers}
     need = 2.1 * 2 * sum(torch.Size(s).numel() for _, s in tensor_shapes(cfg))

@@ -8,11 +8,12 @@ QK-norm kind and scope, logit scale 1.0, the original context C_train, the sourc
 and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so the source's
 shards are copied byte for byte by the kernel (copy_file_range, as `cp` does) and the norms go into
 one new shard, qk-norm.safetensors, that the index lists. The source is read once more, to sha256 it
-while the kernel copies (its digests are the copies'), through two 8 MiB buffers: the surgery's whole
-working set. DST appears atomically (temporary sibling, then rename) with its manifest written last.
+while the kernel copies (its digests are the copies'), a shard per core through one 8 MiB buffer each:
+the surgery's whole working set. DST appears atomically (temporary sibling, then rename) with its manifest written last.
 
-Neither torch nor transformers is imported to move the bytes: transformers (seconds to import) is
-loaded in a background thread while the shards copy, for the DroPE config written at the end.
+Neither torch nor transformers is imported: the DroPE config is checked field by field with the
+validators transformers' strict configs run (drope_ops.config_types) before anything is written, and
+written as JSON; transformers (seconds of CPU to import) builds DropeConfig from it when a model loads.
 """
 
 from __future__ import annotations
@@ -23,20 +24,19 @@ import json
 import os
 import shutil
 import struct
+import threading
 import typing
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from tqdm.auto import tqdm
 
+from drope_ops.config_types import config_problem
 from drope_ops.errors import CheckpointError
 from drope_ops.manifest import build_manifest, manifest_digest, read_manifest, write_manifest
-
-if TYPE_CHECKING:
-    from drope_ops.modeling import DropeConfig
 
 # drope_ops.modeling's QkNorm / QkNormScope (modeling.py imports nothing from this project, and importing
 # it costs seconds of transformers: the CLI and the workflow specs take them from here);
@@ -185,23 +185,25 @@ def drope_config_fields(src_config: dict, *, qk_norm: str, qk_norm_scope: str, r
     return fields
 
 
-def drope_config(fields: dict) -> DropeConfig:
-    """The DroPE config from drope_config_fields (imports transformers; validated by constructing it)."""
-    from huggingface_hub.errors import StrictDataclassError
+def check_config(fields: dict) -> None:
+    """Refuse fields transformers would refuse when it builds the DroPE config (see config_types)."""
+    problem = config_problem(fields)
+    if problem:
+        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({problem}); fix that field")
 
-    from drope_ops.modeling import DropeConfig
 
-    try:
-        return DropeConfig(**fields)
-    except (ValueError, TypeError, StrictDataclassError) as e:  # the last: a field of the wrong type
-        why = " ".join(str(e).split())
-        raise CheckpointError(f"config.json: cannot make a DroPE config from it ({why}); fix that field")
+def config_json(fields: dict) -> str:
+    """config.json of the DroPE checkpoint: the fields as given (transformers fills its defaults on load)."""
+    from importlib.metadata import version
+
+    config = {**fields, "model_type": "drope", "transformers_version": version("transformers")}
+    return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
 
 # --- safetensors at the byte level: 8-byte little-endian header size N, N bytes of JSON header
 # {name: {dtype, shape, data_offsets: [begin, end]}} padded to 8 bytes, then the data block.
 _ONE = {"F64": struct.pack("<d", 1.0), "F32": struct.pack("<f", 1.0), "F16": b"\x00\x3c", "BF16": b"\x80\x3f"}
-COPY_CHUNK = 8 << 20  # bytes per read; two such buffers (16 MiB) are the surgery's whole working set
+COPY_CHUNK = 8 << 20  # bytes per read; one such buffer per hashing thread is the surgery's working set
 
 
 @dataclass(frozen=True)
@@ -302,42 +304,50 @@ def copy_shards(files: list[Path], out_dir: Path, names: dict[Path, str] | None 
     """Copy each shard byte for byte to out_dir (under names[f], default its own name) while reading the
     source once to hash it; returns {output name: sha256}, the source's digests, which are the copies'.
 
-    Per shard the kernel copies in one thread while the main thread reads the source into one of two
-    COPY_CHUNK buffers and another thread hashes the other (file reads and hashlib release the GIL):
-    one sha256 pass in all, overlapped with the copy, as `cp` and `sha256sum` side by side would do.
+    One thread has the kernel copy the shards in turn (as `cp` does) while a thread per core hashes
+    them, largest first, each reading its shard through its own COPY_CHUNK buffer (file reads and
+    hashlib release the GIL): sha256 costs more CPU than the kernel's copy, and a shard's digest is
+    sequential, so the shards are hashed side by side on the cores the copy leaves.
     link=True hard-links a shard instead where out_dir is on the source's filesystem (no bytes written;
     only for a source nothing rewrites in place, such as a stage output) and copies it elsewhere.
     Each shard's size is checked against its header first (a truncated download is refused).
     """
-    names = names or {}
-    hashes = {}
-    total = sum(f.stat().st_size for f in files)
-    chunk = min(COPY_CHUNK, max(f.stat().st_size for f in files))
-    buffers = (memoryview(bytearray(chunk)), memoryview(bytearray(chunk)))
-    with ThreadPoolExecutor(2) as pool, tqdm(total=total, unit="B", unit_scale=True, desc=desc,
-                                             disable=not progress) as bar:
-        for f in files:
-            size = _checked_size(f)
-            digest = hashlib.sha256()
-            out = out_dir / names.get(f, f.name)
-            with open(f, "rb", buffering=0) as fi, contextlib.ExitStack() as stack:
-                copy = None
-                if not (link and _hard_link(f, out)):
-                    fo = stack.enter_context(open(out, "wb", buffering=0))
-                    copy = pool.submit(_copy_range, fi.fileno(), fo.fileno(), size)
-                hashing = None  # the job hashing the buffer not being read into
-                for k, offset in enumerate(range(0, size, chunk)):
-                    part = _read_into(fi.fileno(), buffers[k % 2][: min(chunk, size - offset)], offset, f)
-                    if hashing:
-                        hashing.result()
-                    hashing = pool.submit(digest.update, part)
-                    bar.update(len(part))
-                if hashing:
-                    hashing.result()
-                if copy:
-                    copy.result()
-            hashes[out.name] = digest.hexdigest()
+    sizes = {f: _checked_size(f) for f in files}
+    outs = {f: out_dir / (names or {}).get(f, f.name) for f in files}
+    to_copy = [f for f in files if not (link and _hard_link(f, outs[f]))]
+    largest_first = sorted(files, key=sizes.get, reverse=True)
+    chunk = min(COPY_CHUNK, max(sizes.values()))
+    threads = max(1, min(len(files), len(os.sched_getaffinity(0))))
+    with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar, \
+            ThreadPoolExecutor(1) as copier, ThreadPoolExecutor(threads) as hashers:
+        copying = copier.submit(_copy_files, to_copy, outs, sizes)
+        lock = threading.Lock()
+
+        def advance(n: int) -> None:
+            with lock:
+                bar.update(n)
+
+        digests = {f: hashers.submit(_sha256, f, sizes[f], chunk, advance) for f in largest_first}
+        hashes = {outs[f].name: digests[f].result() for f in files}
+        copying.result()
     return hashes
+
+
+def _copy_files(files: list[Path], outs: dict[Path, Path], sizes: dict[Path, int]) -> None:
+    for f in files:
+        with open(f, "rb", buffering=0) as fi, open(outs[f], "wb", buffering=0) as fo:
+            _copy_range(fi.fileno(), fo.fileno(), sizes[f])
+
+
+def _sha256(path: Path, size: int, chunk: int, advance) -> str:
+    """sha256 of the file's first size bytes, read through one chunk-sized buffer; advance(n) per chunk."""
+    digest, buf = hashlib.sha256(), memoryview(bytearray(chunk))
+    with open(path, "rb", buffering=0) as fi:
+        for offset in range(0, size, chunk):
+            part = _read_into(fi.fileno(), buf[: min(chunk, size - offset)], offset, path)
+            digest.update(part)
+            advance(len(part))
+    return digest.hexdigest()
 
 
 def _hard_link(src: Path, dst: Path) -> bool:
@@ -430,20 +440,18 @@ def drop_rope(src, dst, *, qk_norm: str = "qk", qk_norm_scope: str = "full", rop
     name = source_name or src_config.get("_name_or_path") or src.name
     fields = drope_config_fields(src_config, qk_norm=qk_norm, qk_norm_scope=qk_norm_scope, rope_layers=layers,
                                  original_context=original_context, source_model=str(name), source_sha256="")
+    check_config(fields)
     additions = qk_norm_additions(src, files, fields)
     names = {files[0]: LONE_SHARD} if additions and index is None else {}
-    with ThreadPoolExecutor(1) as background, atomic_directory(dst) as tmp:
-        # transformers takes seconds to import: it loads, and checks the config, while the shards copy
-        probe = background.submit(drope_config, fields)
+    with atomic_directory(dst) as tmp:
         hashes = copy_shards(files, tmp, names, link=link, progress=progress, desc=f"drop-rope {src.name}")
         if additions:
             (tmp / NORM_SHARD).write_bytes(norm_shard_bytes(additions))
         if additions or index is not None:
             write_index(tmp, files, index, names, additions)
-        probe.result()
         src_hashes = {f.name: hashes[names.get(f, f.name)] for f in files}
-        config = drope_config({**fields, "source_sha256": source_digest(src, files, src_hashes)})
-        config.to_json_file(tmp / "config.json", use_diff=False)
+        fields["source_sha256"] = source_digest(src, files, src_hashes)
+        (tmp / "config.json").write_text(config_json(fields))
         copy_tokenizer_files(src, tmp)
         write_manifest(tmp, hashes)
     return dst

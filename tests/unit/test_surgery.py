@@ -132,7 +132,7 @@ def _no_config(path, src):
     ("no_config", "missing config.json"),
     ("layer_range", "rope_layers: layer 7 out of range"),
     ("dst_exists", "already exists"),
-    ("bad_field", "rms_norm_eps.*fix that field"),  # refused by DropeConfig, built while the shards copy
+    ("bad_field", "rms_norm_eps.*fix that field"),  # refused by the config check before anything is written
     ("truncated", "size does not match its header"),
 ])
 def test_refusals_are_one_line_and_leave_nothing(debug_checkpoint, tmp_path, case, expected):
