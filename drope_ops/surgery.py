@@ -305,17 +305,18 @@ def copy_shards(files: list[Path], out_dir: Path, names: dict[Path, str] | None 
     source once to hash it; returns {output name: sha256}, the source's digests, which are the copies'.
 
     One thread has the kernel copy the shards in turn (as `cp` does) while a thread per core hashes
-    them, largest first, each reading its shard through its own COPY_CHUNK buffer (file reads and
-    hashlib release the GIL): sha256 costs more CPU than the kernel's copy, and a shard's digest is
-    sequential, so the shards are hashed side by side on the cores the copy leaves.
+    them, both largest first (the two reads of a shard then meet in the page cache), each hashing
+    thread reading through its own COPY_CHUNK buffer (file reads and hashlib release the GIL): sha256
+    costs more CPU than the kernel's copy and a shard's digest is sequential, so the shards are hashed
+    side by side on the cores the copy leaves.
     link=True hard-links a shard instead where out_dir is on the source's filesystem (no bytes written;
     only for a source nothing rewrites in place, such as a stage output) and copies it elsewhere.
     Each shard's size is checked against its header first (a truncated download is refused).
     """
     sizes = {f: _checked_size(f) for f in files}
     outs = {f: out_dir / (names or {}).get(f, f.name) for f in files}
-    to_copy = [f for f in files if not (link and _hard_link(f, outs[f]))]
-    largest_first = sorted(files, key=sizes.get, reverse=True)
+    largest_first = sorted(files, key=sizes.get, reverse=True)  # the copy too: each shard read while cached
+    to_copy = [f for f in largest_first if not (link and _hard_link(f, outs[f]))]
     chunk = min(COPY_CHUNK, max(sizes.values()))
     threads = max(1, min(len(files), len(os.sched_getaffinity(0))))
     with tqdm(total=sum(sizes.values()), unit="B", unit_scale=True, desc=desc, disable=not progress) as bar, \
