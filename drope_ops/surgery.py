@@ -8,8 +8,9 @@ QK-norm kind and scope, logit scale 1.0, the original context C_train, the sourc
 and every layer gains q_norm / k_norm weights of ones. No existing tensor changes, so the source's
 shards are copied byte for byte by the kernel (copy_file_range, as `cp` does) and the norms go into
 one new shard, qk-norm.safetensors, that the index lists. The source is read once more, to sha256 it
-while the kernel copies (its digests are the copies'), a shard per core through one 8 MiB buffer each:
-the surgery's whole working set. DST appears atomically (temporary sibling, then rename) with its manifest written last.
+while the kernel copies (its digests are the copies'), a shard per core through one 8 MiB buffer
+each: the surgery's whole working set. DST appears atomically (temporary sibling, then rename) with its
+manifest written last.
 
 Neither torch nor transformers is imported: the DroPE config is checked field by field with the
 validators transformers' strict configs run (drope_ops.config_types) before anything is written, and
