@@ -1,6 +1,6 @@
 """The DroPE config checked without importing transformers (seconds of CPU): the field types and rules
 transformers' strict config dataclass enforces when DropeConfig is constructed, run with the same
-validators (huggingface_hub.dataclasses.type_validator, which transformers' @strict configs call).
+validators (huggingface_hub's @strict dataclasses, which transformers' configs are).
 
 LlamaConfig declares the fields transformers type-checks (PreTrainedConfig's and DropeConfig's own are
 not checked by it; the surgery sets DropeConfig's); tests/unit/test_config_types.py checks FIELD_TYPES
@@ -10,7 +10,9 @@ DropeConfig refuses.
 
 from __future__ import annotations
 
-from huggingface_hub.dataclasses import type_validator
+from dataclasses import make_dataclass
+
+from huggingface_hub.dataclasses import StrictDataclassFieldValidationError, strict
 
 # field -> type, as LlamaConfig annotates it (transformers 5.x); PreTrainedConfig's annotations are strings,
 # which the validator skips, so transformers checks LlamaConfig's fields alone. rope_parameters is
@@ -44,12 +46,12 @@ FIELD_RANGES = {"initializer_range": (0.0, 1.0)}
 
 def config_problem(fields: dict) -> str | None:
     """Why transformers would refuse a Llama-family config dict (None = it would accept it)."""
-    for name, expected in FIELD_TYPES.items():
-        if name in fields:
-            try:
-                type_validator(name, fields[name], expected)
-            except TypeError as e:
-                return " ".join(str(e).split())
+    given = {name: value for name, value in fields.items() if name in FIELD_TYPES}
+    typed = strict(make_dataclass("LlamaConfigFields", [(name, FIELD_TYPES[name]) for name in given]))
+    try:
+        typed(**given)
+    except StrictDataclassFieldValidationError as e:
+        return " ".join(str(e).split())
     for name, (low, high) in FIELD_RANGES.items():
         if name in fields and not low <= fields[name] <= high:
             return f"field {name!r} must lie in [{low}, {high}], got {fields[name]}"
