@@ -12,7 +12,9 @@ model, AdamW, tokens per step and accumulation, --workers threads) measured just
 
 ZeRO-2 keeps only its partition of the gradients, so it reduce-scatters after every micro-batch;
 ZeRO-1 keeps whole gradients and reduces once, at the accumulation boundary; ZeRO off (stage 0) too,
-and each rank then steps its whole AdamW without partitions to gather back.
+and each rank then steps its whole AdamW without partitions to gather back. ZeRO off is timed twice:
+with DeepSpeed's own all-reduce (every gradient flattened and reduced after backward) and with
+drope's (torch's DDP reducer, buckets reduced while backward runs).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from unittest import mock
 
 import torch
 from recalibrate_step_time import shape_arguments
@@ -36,6 +39,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 # DeepSpeed's own defaults, written out so the rows do not move when drope's defaults do
 DS_DEFAULTS = {"overlap_comm": False, "contiguous_gradients": True, "reduce_bucket_size": 500_000_000,
                "allgather_bucket_size": 500_000_000, "reduce_scatter": True}
+ZERO_OFF_DDP = "ZeRO off, DDP's reducer during backward (drope's)"
 SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
     ("ZeRO-2 DeepSpeed defaults", 2, DS_DEFAULTS),
     ("ZeRO-2 overlap_comm", 2, {**DS_DEFAULTS, "overlap_comm": True}),
@@ -46,7 +50,8 @@ SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
     ("ZeRO-2 reduce_scatter off (all-reduce)", 2, {**DS_DEFAULTS, "reduce_scatter": False}),
     ("ZeRO-1 DeepSpeed defaults", 1, DS_DEFAULTS),
     ("ZeRO-1 overlap_comm", 1, {**DS_DEFAULTS, "overlap_comm": True}),
-    ("ZeRO off (stage 0: client AdamW, one all-reduce a step)", 0, DS_DEFAULTS),
+    ("ZeRO off (stage 0: client AdamW, one all-reduce a step), DeepSpeed's all-reduce after backward", 0, DS_DEFAULTS),
+    (ZERO_OFF_DDP, 0, DS_DEFAULTS),
 ]
 
 
@@ -58,18 +63,29 @@ def bench_config(args, stage: int, zero: dict):
                              warmup_steps=1, loss_spike_factor=None, max_failures=0)
 
 
+def build_engine(name: str, cfg, data, args, rank: int, world: int):
+    """drope's build; the first ZeRO off row keeps DeepSpeed's own all-reduce (drope's before it
+    handed the all-reduce to DDP's reducer)."""
+    from workflows.stages import recalibrate
+
+    if cfg.zero_stage != 0 or name == ZERO_OFF_DDP:
+        return recalibrate.build(cfg, data, args.ckpt, args.seq, rank, world)
+    with mock.patch.object(recalibrate, "reduce_in_backward", lambda engine, zero_stage: False):
+        return recalibrate.build(cfg, data, args.ckpt, args.seq, rank, world)
+
+
 def worker(args) -> None:
     """One rank under torchrun: an engine per setting, side by side; each step runs every setting in turn,
     so a change of load on the box hits all settings alike (the ratios between rows are paired)."""
     from drope_ops.data import DataConfig
-    from workflows.stages.recalibrate import build, train_step
+    from workflows.stages.recalibrate import train_step
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     data = DataConfig(source="shakespeare", seq_len=args.seq,
                       max_tokens=(args.steps + 4) * args.global_batch * args.seq)
     tokens = args.global_batch * args.seq
-    runs = [(name, cfg, build(cfg, data, args.ckpt, args.seq, rank, world))
+    runs = [(name, cfg, build_engine(name, cfg, data, args, rank, world))
             for name, stage, zero in SETTINGS for cfg in [bench_config(args, stage, zero)]]
     times = {name: [] for name, _, _ in runs}
     for step in range(args.steps):

@@ -314,6 +314,8 @@ class Trainee:
     tokenizer: object = None
     zero3_config: object = None
     """ZeRO-3: transformers' HfDeepSpeedConfig, held for as long as the model lives (weak reference there)."""
+    reduce_in_backward: bool = False
+    """ZeRO off: torch's DDP reducer, not DeepSpeed, all-reduces the gradients (reduce_in_backward)."""
 
 
 def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len: int, rank: int,
@@ -341,7 +343,23 @@ def build(cfg: RecalibrateConfig, data: DataConfig, checkpoint_uri: str, seq_len
     sampler = Prefetcher(make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world))
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg), config=ds_config)
     return Trainee(engine, optimizer, sampler, rank, world, ckpt_dir=str(ckpt_dir), tokenizer=tokenizer,
-                   zero3_config=zero3_config)
+                   zero3_config=zero3_config, reduce_in_backward=reduce_in_backward(engine, cfg.zero_stage))
+
+
+def reduce_in_backward(engine, zero_stage: int) -> bool:
+    """ZeRO off: all-reduce the gradients while backward runs, as DDP does. DeepSpeed's stage 0 flattens
+    every gradient and all-reduces them after backward has finished; torch's DDP reducer (through
+    `replicate`, torchtitan's DDP: the module keeps its class's methods and its state-dict keys) sends
+    25 MB buckets to gloo's thread as their gradients are ready, so the all-reduce runs under the rest of
+    backward. DDP halves each rank's gradient before the sum, DeepSpeed halves the sum: with 2 ranks the
+    same floats (halving is exact), so a run's weights do not depend on which of them reduced."""
+    if zero_stage != 0:
+        return False  # ZeRO-1/2/3 reduce their own partitions
+    from torch.distributed._composable.replicate import replicate
+
+    engine.enable_backward_allreduce = False  # the switch DeepSpeed's own pipeline engine turns off
+    replicate(engine.module, bucket_cap_mb=25)
+    return True
 
 
 def restore(t: Trainee, cfg: RecalibrateConfig, checkpoint) -> None:
@@ -384,10 +402,9 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
     batch = batch.to(t.engine.device)
     grad_norm = None
     for micro in batch.split(cfg.micro_batch):  # (micro_batch, seq_len), grad_accum of them
-        input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
-        loss = t.engine(input_ids=input_ids, labels=labels).loss
-        t.engine.backward(loss)  # ZeRO off / 1: the gradient all-reduce happens at the boundary only
-        if cfg.zero_stage == 0 and t.engine.is_gradient_accumulation_boundary():
+        boundary = t.engine.is_gradient_accumulation_boundary()
+        input_ids, loss = forward_backward(t, micro, boundary)
+        if cfg.zero_stage == 0 and boundary:
             grad_norm = clip_gradients(t.engine.module, cfg.grad_clip)
         t.engine.step()  # DeepSpeed applies the update at the accumulation boundary only
         loss_sum += loss.detach()
@@ -401,6 +418,17 @@ def train_step(t: Trainee, cfg: RecalibrateConfig, step: int, tokens_per_step: i
                "tokens_seen": float(done * tokens_per_step), "epoch": float(getattr(t.sampler, "epoch", 0)),
                "data_wait_s": data_wait_s, "step": done}
     return metrics, input_ids
+
+
+def forward_backward(t: Trainee, micro: torch.Tensor, boundary: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One micro-batch's loss and gradients (accumulated into the parameters' .grad). ZeRO off / 1 reduce
+    the gradients at the accumulation boundary only; ZeRO off's reducer is told before the forward."""
+    if t.reduce_in_backward:
+        t.engine.module.set_requires_gradient_sync(boundary)
+    input_ids, labels = inputs_and_labels(micro)  # copy / needle blocks score only some tokens
+    loss = t.engine(input_ids=input_ids, labels=labels).loss
+    t.engine.backward(loss)
+    return input_ids, loss
 
 
 def clip_gradients(module: torch.nn.Module, max_norm: float) -> float:
