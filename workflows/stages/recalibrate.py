@@ -358,7 +358,8 @@ def reduce_in_backward(engine, zero_stage: int) -> bool:
     from torch.distributed._composable.replicate import replicate
 
     engine.enable_backward_allreduce = False  # the switch DeepSpeed's own pipeline engine turns off
-    replicate(engine.module, bucket_cap_mb=25)
+    # the gradients are views into the buckets: no copy into and out of them, and no second copy kept
+    replicate(engine.module, bucket_cap_mb=25, gradient_as_bucket_view=True)
     return True
 
 
