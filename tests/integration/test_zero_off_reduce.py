@@ -2,13 +2,15 @@
 
 Each rank builds the engine recalibration builds (`build`, zero_stage 0: torch's DDP reducer reduces
 in backward, DeepSpeed's own reduce is off) and runs one step's two micro-batches through
-`forward_backward` (and `engine.step`, as train_step does). Beside it, a plain copy of the checkpoint runs the same micro-batches with no
-communication at all: its gradients are what this rank alone computes. After the first micro-batch the
-engine must not have reduced (its gradients are the rank's own, and the two ranks' differ); after the
-boundary's backward, before any step, both ranks must hold the mean of the two ranks' own gradients.
+`forward_backward` (and `engine.step`, as train_step does). Beside it, a plain copy of the checkpoint
+runs the same micro-batches with no communication at all: its gradients are what this rank alone
+computes. After the first micro-batch the engine must not have reduced (its gradients are the rank's
+own, and the two ranks' differ); after the boundary's backward, before any step, both ranks must hold
+the mean of the two ranks' own gradients.
 """
 
 import json
+import os
 from pathlib import Path
 
 import torch
@@ -30,8 +32,6 @@ def _gathered(t: torch.Tensor) -> list[torch.Tensor]:
 
 
 def _rank(rank: int, port: int, ckpt: str, out_dir: str) -> None:
-    import os
-
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=WORLD)
