@@ -9,7 +9,9 @@ the node that computes (`dtype_probe`) and takes bf16 only if it is clearly fast
 
 The probe costs a few hundred milliseconds on a CPU and runs once per node: its result is kept in the
 process and in `$DROPE_CACHE/dtype-probe.json` (default ~/.cache/drope), keyed by CPU model, torch
-version, thread count and shapes, so a spec written on one machine stays right on another.
+version, thread count and shapes, so a spec written on one machine stays right on another. Where bf16
+is emulated, one bf16 product takes seconds: a product already `GIVE_UP` x over the time bf16 must
+beat decides it, and bf16 is not timed again (the emulated case costs one product, not six).
 """
 
 from __future__ import annotations
@@ -35,6 +37,9 @@ DEFAULT_SHAPES = (2048, 576, 1536)
 """(tokens, hidden, ffn) of the probe's matmul, tokens x hidden @ hidden x ffn: SmolLM-135M's MLP."""
 BF16_MARGIN = 0.9
 """bf16 is chosen iff its best time is under this fraction of fp32's (a tie is not worth the rounding)."""
+GIVE_UP = 10.0
+"""bf16 stops being timed once one product (the warm-up included) took this many times the time it must
+beat: repeats shave noise, not a factor of ten."""
 PROBE_CACHE_FILE = "dtype-probe.json"
 
 _PROBES: dict[str, dict] = {}  # the in-process cache, by probe key
@@ -91,21 +96,31 @@ def clear_probe_cache() -> None:
 
 
 def _best_ms(dtype: torch.dtype, shapes: tuple[int, int, int], device: str, repeats: int,
-             timer: Callable[[], float], matmul: Callable) -> float:
+             timer: Callable[[], float], matmul: Callable, give_up_ms: float = float("inf")) -> tuple[float, int]:
+    """(best time in ms, timed products): one warm-up, then up to `repeats` timed products; stops at the
+    first product (the warm-up included) slower than `give_up_ms`, returning that time (0 timed: the
+    warm-up's)."""
     m, k, n = shapes
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
     b = torch.randn(k, n, generator=gen).to(device=device, dtype=dtype)
     sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
-    matmul(a, b)  # warm-up: first-call allocation and kernel selection are not the steady state
-    sync()
-    best = float("inf")
-    for _ in range(repeats):
+
+    def timed() -> float:
         t0 = timer()
         matmul(a, b)
         sync()
-        best = min(best, timer() - t0)
-    return best * 1000.0
+        return (timer() - t0) * 1000.0
+
+    warm_up = timed()  # first-call allocation and kernel selection are not the steady state
+    if warm_up > give_up_ms:
+        return warm_up, 0
+    best, runs = float("inf"), 0
+    while runs < repeats:
+        best, runs = min(best, timed()), runs + 1
+        if best > give_up_ms:
+            break
+    return best, runs
 
 
 def dtype_probe(shapes: tuple[int, int, int] | None = None, device: str | None = None, *,
@@ -115,7 +130,8 @@ def dtype_probe(shapes: tuple[int, int, int] | None = None, device: str | None =
 
     Times `tokens x hidden @ hidden x ffn` (`shapes`, default DEFAULT_SHAPES) in fp32 and bf16 on
     `device` (default: cuda if available, else cpu) with torch's current thread count: one warm-up,
-    then the best of `repeats`. Returns {choice, fp32_ms, bf16_ms, ratio (bf16/fp32), source
+    then the best of `repeats` (bf16: none more once a product took GIVE_UP x the time it must beat).
+    Returns {choice, fp32_ms, bf16_ms, bf16_runs (timed bf16 products), ratio (bf16/fp32), source
     ("measured", "cache file" or "cuda": no probe), device, threads, shapes, cpu, torch, key}.
     Cached per process and in $DROPE_CACHE/dtype-probe.json under `key`. `timer` and `matmul` are
     there to be injected by tests; results are cached under the same key whoever measured them.
@@ -138,10 +154,12 @@ def dtype_probe(shapes: tuple[int, int, int] | None = None, device: str | None =
     if isinstance(cached, dict) and cached.get("choice") in ("float32", "bfloat16"):
         result = {**cached, "source": "cache file", "key": key}
     else:
-        fp32_ms = _best_ms(torch.float32, shapes, device, repeats, timer, matmul)
-        bf16_ms = _best_ms(torch.bfloat16, shapes, device, repeats, timer, matmul)
+        fp32_ms, _ = _best_ms(torch.float32, shapes, device, repeats, timer, matmul)
+        bf16_ms, bf16_runs = _best_ms(torch.bfloat16, shapes, device, repeats, timer, matmul,
+                                      give_up_ms=GIVE_UP * BF16_MARGIN * fp32_ms)
         choice = "bfloat16" if bf16_ms < BF16_MARGIN * fp32_ms else "float32"
         result = {**facts, "choice": choice, "fp32_ms": round(fp32_ms, 3), "bf16_ms": round(bf16_ms, 3),
+                  "bf16_runs": bf16_runs,
                   "ratio": round(bf16_ms / fp32_ms, 3) if fp32_ms > 0 else None,
                   "source": "measured", "key": key}
         _write_cache_file(key, {k_: v for k_, v in result.items() if k_ not in ("source", "key")})
@@ -154,8 +172,9 @@ def describe_probe(probe: dict) -> str:
     if probe["source"] == "cuda":
         return f"[dtype] auto -> {probe['choice']} (CUDA computes bf16 natively: no probe)"
     where = "probe on this node" + (", cached" if probe["source"] == "cache file" else "")
+    once = " in its first product" if probe.get("bf16_runs") == 0 else ""
     return (f"[dtype] auto -> {probe['choice']} "
-            f"(fp32 {probe['fp32_ms']:.1f} ms, bf16 {probe['bf16_ms']:.1f} ms, {where})")
+            f"(fp32 {probe['fp32_ms']:.1f} ms, bf16 {probe['bf16_ms']:.1f} ms{once}, {where})")
 
 
 def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:

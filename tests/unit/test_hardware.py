@@ -65,6 +65,23 @@ def test_auto_follows_the_measured_times(probe_cache, capsys, fp32_s, bf16_s, ch
     assert hardware.resolve_dtype("bfloat16") == torch.bfloat16
 
 
+@pytest.mark.parametrize("bf16_s, runs", [
+    (2.820, 0),   # the AVX2-only EPYC, bf16 emulated (~70x): the warm-up alone is over the cut-off, no repeat
+    (0.060, 5),   # 1.5x slower (a warm-up at 5x, 300 ms, under the cut-off): every repeat runs
+])
+def test_emulated_bf16_is_not_timed_again(probe_cache, capsys, bf16_s, runs):
+    clock = Clock(0.040, bf16_s)  # fp32 40 ms: bf16 must beat 36 ms, the cut-off is 360 ms
+    probe = hardware.dtype_probe(device="cpu", repeats=5, timer=clock.timer, matmul=clock.matmul)
+    assert probe["choice"] == "float32" and probe["bf16_runs"] == runs
+    assert clock.calls == (1 + 5) + (1 + runs)
+    # the time reported is the warm-up's (5x the product here) when no product was timed after it
+    assert probe["bf16_ms"] == pytest.approx(bf16_s * 1000 * (5.0 if runs == 0 else 1.0))
+    hardware.resolve_dtype("auto")
+    once = " in its first product" if runs == 0 else ""
+    assert capsys.readouterr().out == (f"[dtype] auto -> float32 (fp32 40.0 ms, "
+                                       f"bf16 {probe['bf16_ms']:.1f} ms{once}, probe on this node)\n")
+
+
 def test_probe_is_cached_in_process_and_on_disk(probe_cache):
     clock = Clock(0.040, 0.020)
     first = hardware.dtype_probe(shapes=(64, 32, 48), timer=clock.timer, matmul=clock.matmul)
@@ -92,7 +109,7 @@ def test_probe_is_cached_in_process_and_on_disk(probe_cache):
 def test_unreadable_cache_file_is_remeasured(probe_cache):
     probe_cache.parent.mkdir(parents=True, exist_ok=True)
     probe_cache.write_text("{not json")
-    clock = Clock(0.010, 0.030)
+    clock = Clock(0.010, 0.015)
     assert hardware.dtype_probe(shapes=(8, 8, 8), timer=clock.timer, matmul=clock.matmul)["choice"] == "float32"
     assert clock.calls == 12
     assert len(json.loads(probe_cache.read_text())) == 1
