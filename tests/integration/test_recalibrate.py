@@ -8,6 +8,7 @@ order (2 ranks: a + b == b + a exactly), restored optimizer / step counters from
 
 import json
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -93,6 +94,21 @@ def test_zero2_loss_decreases_and_consolidated_checkpoint_matches(reference, deb
     # checkpoint, optimizer states included) gives the same tensors, bit for bit
     consolidate(reference["checkpoint"], str(debug_checkpoint), str(tmp_path / "zero_to_fp32"))
     assert max_abs_diff(reference["output"], tmp_path / "zero_to_fp32") == 0.0
+
+
+def test_a_finished_training_leaves_no_train_controller_running(reference, ray_local):
+    """Ray Train's fit keeps its controller actor alive through the SIGINT handler it registers; recalibrate
+    puts the handler back, so after the reference run (and every run of this module before this test) no
+    controller or DatasetManager is left polling the CPUs the later stages use."""
+    assert reference["steps"] == STEPS
+    # the GCS actor table (the state API needs the dashboard, which this test cluster does not start)
+    deadline = time.monotonic() + 30
+    while True:
+        alive = sorted(a["ActorClassName"] for a in ray_local._private.state.actors().values() if a["State"] != "DEAD")
+        if not {"TrainController", "DatasetManager"} & set(alive) or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert "TrainController" not in alive and "DatasetManager" not in alive, alive
 
 
 def test_zero3_drope_resumes_writes_its_weights_and_refuses_a_missing_rank_shard(

@@ -34,6 +34,7 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -695,6 +696,20 @@ def _trainer(cfg: RecalibrateConfig, *, train_loop_config: dict, run_name: str, 
     )
 
 
+def _fit_releasing_controller(trainer):
+    """trainer.fit(), then the SIGINT handler as it was. Ray Train's fit (main thread) registers a
+    handler that holds its TrainController actor's handle and never removes it: the controller and its
+    DatasetManager then outlive the training, polling on the box's CPUs through the whole fit and
+    evaluation that follow in the same process. Restored, the last handle goes and Ray ends them."""
+    handler = signal.getsignal(signal.SIGINT)
+    if threading.current_thread() is not threading.main_thread() or handler is None:
+        return trainer.fit()  # off the main thread fit registers nothing (and nothing could be restored)
+    try:
+        return trainer.fit()
+    finally:
+        signal.signal(signal.SIGINT, handler)
+
+
 def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, output_dir: str, *,
                 run_name: str, storage_path: str, metrics_sink=None) -> dict:
     """Train `checkpoint` (a local directory or an s3:// URI) on `data` with DeepSpeed ZeRO on Ray Train;
@@ -724,7 +739,7 @@ def recalibrate(cfg: RecalibrateConfig, data: DataConfig, checkpoint: str, outpu
         "metrics_sink": metrics_sink or NoMetrics(), "run_name": run_name, "launch": launch},
         run_name=run_name, path=path, filesystem=filesystem)
     try:
-        result = trainer.fit()
+        result = _fit_releasing_controller(trainer)
     except Exception as e:
         err = _worker_error(e)
         if isinstance(err, TrainingDivergedError):
