@@ -9,6 +9,13 @@ scratch).
 
     fit = fit_beta(lambda b: loss_at_scale(model, blocks, b), bounds=(0.5, 3.0), max_evals=12)
     c = fit_c({2: fit2.beta, 4: fit4.beta})
+    fits = fit_lengths(model, blocks, [4096, 8192])   # {L: BetaFit}; blocks (N, 8192), forwards shared
+
+Several lengths fitted on the same held-out sequences (the first L tokens of each) share forwards: the
+scale is static during the search and the model causal, so one forward at L at scale beta also gives
+the loss of every shorter length at beta, and a shorter length's search that asks for a beta a longer
+one evaluated gets its loss without a forward of its own. Bounded Brent's first two points depend on
+the bounds alone, so each length after the longest saves at least two forwards.
 """
 
 from __future__ import annotations
@@ -32,6 +39,8 @@ class BetaFit:
     """Mean next-token loss (nats/token) at `beta`."""
     evals: list[tuple[float, float]] = field(default_factory=list)
     """Every (beta, loss) evaluated, in order; len(evals) <= max_evals."""
+    shared: int = 0
+    """Evaluations whose loss came from a longer length's forward (fit_lengths), not a forward of this length."""
 
 
 def fit_beta(
@@ -90,13 +99,20 @@ def beta_of(s: float, c: float) -> float:
 
 
 def loss_at_scale(model, blocks, beta: float) -> float:
-    """Mean next-token loss of a DroPE model on `blocks` (N, L) with static logit scale `beta`.
+    """Mean next-token loss of a DroPE model on `blocks` (N, L) with static logit scale `beta`."""
+    L = blocks.shape[-1]
+    return prefix_losses(model, blocks, beta, [L])[L]
+
+
+def prefix_losses(model, blocks, beta: float, lengths) -> dict[int, float]:
+    """{L: mean next-token loss on the first L tokens of `blocks`} at static logit scale `beta`, one
+    forward of each row.
 
     beta multiplies the checkpoint's own static scale (as the dynamic scale does in the model): it sets
     config.logit_scale = logit_scale * beta and switches the dynamic scale off for the call (the
     attention layers read the shared config at every forward), then restores both.
     """
-    from drope_ops.evals.perplexity import mean_loss
+    from drope_ops.evals.perplexity import prefix_nll
 
     cfg = model.config
     if getattr(cfg, "model_type", None) != "drope":
@@ -105,7 +121,7 @@ def loss_at_scale(model, blocks, beta: float) -> float:
     saved = (cfg.logit_scale, cfg.logit_scale_c)
     cfg.logit_scale, cfg.logit_scale_c = saved[0] * float(beta), None
     try:
-        return mean_loss(model, blocks)
+        return {L: total / count for L, (total, count) in prefix_nll(model, blocks, lengths).items()}
     finally:
         cfg.logit_scale, cfg.logit_scale_c = saved
 
@@ -113,3 +129,31 @@ def loss_at_scale(model, blocks, beta: float) -> float:
 def fit_length(model, blocks, bounds=(0.5, 3.0), max_evals: int = MAX_EVALS_CAP, progress=None) -> BetaFit:
     """beta for one target length: the bounded search over loss_at_scale on `blocks` (N, L)."""
     return fit_beta(lambda b: loss_at_scale(model, blocks, b), bounds, max_evals, progress=progress)
+
+
+def fit_lengths(model, blocks, lengths, bounds=(0.5, 3.0), max_evals: int = MAX_EVALS_CAP,
+                progress: Callable[[int, float, float, bool], None] | None = None) -> dict[int, BetaFit]:
+    """{L: beta fit} for every L in `lengths` on the first L tokens of `blocks` (N, >= max(lengths)),
+    longest first; each forward scores every shorter length too, and a search reuses those losses.
+    `progress(L, beta, loss, shared)` after each evaluation (shared: no forward of its own)."""
+    lengths = sorted({int(L) for L in lengths}, reverse=True)
+    seen: dict[float, dict[int, float]] = {}  # beta -> {L: loss}
+
+    def search(L: int) -> BetaFit:
+        shared = []
+
+        def loss_at(beta: float) -> float:
+            hit = L in seen.get(beta, {})
+            if hit:
+                shared.append(beta)
+            else:
+                seen.setdefault(beta, {}).update(prefix_losses(model, blocks, beta, [x for x in lengths if x <= L]))
+            if progress:
+                progress(L, beta, seen[beta][L], hit)
+            return seen[beta][L]
+
+        fit = fit_beta(loss_at, bounds, max_evals)
+        fit.shared = len(shared)
+        return fit
+
+    return {L: search(L) for L in lengths}

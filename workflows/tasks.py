@@ -62,6 +62,16 @@ def placeable(per_task: dict, count: int, nodes: list[dict]) -> int:
     return min(fits, count)
 
 
+def units_at_once(count: int, *, cpus: float, gpus: float = 0, memory: int | None = None) -> int:
+    """How many of `count` units of `cpus` CPUs, `gpus` GPUs and `memory` bytes run at once: as many as
+    the Ray cluster's alive nodes hold now, or 1 without Ray (they run one after another here)."""
+    if not ray_is_up():
+        return 1
+    import ray
+
+    return placeable({"CPU": cpus, "GPU": gpus, "memory": memory or 0}, count, node_capacity(ray))
+
+
 def require_resources(what: str, per_task: dict, count: int = 1, wait_s: float | None = None) -> None:
     """Fail with one line, within `wait_s`, when the cluster cannot place `count` x `per_task` at once
     (Ray would otherwise wait forever for an infeasible request)."""

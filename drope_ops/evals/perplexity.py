@@ -1,6 +1,7 @@
 """Next-token loss at any length, and the "crop to C_train" reference (the paper's Figure 5).
 
     nll, n = sequence_nll(model, blocks)                    # blocks (N, L): full-context loss
+    sums = prefix_nll(model, blocks, [L // 2, L])           # {L: (nll, n)}: the first L tokens, one forward
     nll, n = cropped_nll(model, blocks, context=2048)       # each token sees at most C_train tokens
     perplexity_vs_length(model, blocks_by_length, ...)      # {L: {"loss": ..., "ppl": ...}}
 
@@ -25,24 +26,40 @@ def _decoder_and_head(model):
 
 
 @torch.inference_mode()
-def sequence_nll(model, input_ids: torch.Tensor, *, score_from: int = 1) -> tuple[float, int]:
-    """Summed next-token NLL over rows of `input_ids` (N, L) and the number of tokens scored.
+def prefix_nll(model, input_ids: torch.Tensor, lengths, *, score_from: int = 1) -> dict[int, tuple[float, int]]:
+    """{L: (summed next-token NLL, tokens scored)} over the first L tokens of the rows of `input_ids`
+    (N, T), for every L in `lengths` (each <= T), from one forward of each row: the model is causal, so
+    the first L tokens' losses do not depend on what follows them.
 
-    Token t (t >= score_from) is scored given tokens [0, t). One row at a time: batch 1 keeps peak
+    Token t (score_from <= t < L) is scored given tokens [0, t). One row at a time: batch 1 keeps peak
     memory at one sequence's activations.
     """
     decoder, head = _decoder_and_head(model)
-    total, count = 0.0, 0
-    for row in input_ids.view(-1, input_ids.shape[-1]):
-        ids = row.view(1, -1).to(model.device)  # (1, L)
-        hidden = decoder(input_ids=ids, use_cache=False).last_hidden_state[0]  # (L, H)
-        targets = ids[0]
-        for start in range(max(score_from, 1), ids.shape[1], LOGITS_CHUNK):
-            stop = min(start + LOGITS_CHUNK, ids.shape[1])
-            logits = head(hidden[start - 1 : stop - 1]).float()  # (chunk, V): predicts tokens start..stop-1
-            total += float(F.cross_entropy(logits, targets[start:stop], reduction="sum"))
-            count += stop - start
-    return total, count
+    T = input_ids.shape[-1]
+    cuts = sorted({int(L) for L in lengths})
+    if not cuts or not 1 <= cuts[0] <= cuts[-1] <= T:
+        raise ValueError(f"prefix lengths {cuts} must lie in 1..{T}, the rows' length")
+    sums = {L: [0.0, 0] for L in cuts}
+    for row in input_ids.view(-1, T):
+        ids = row.view(1, -1).to(model.device)  # (1, T)
+        hidden = decoder(input_ids=ids[:, : cuts[-1]], use_cache=False).last_hidden_state[0]  # (L_max, H)
+        total, count, start = 0.0, 0, max(score_from, 1)
+        for cut in cuts:  # chunks end at every cut: each prefix's sum is the one its own forward gives
+            for begin in range(start, cut, LOGITS_CHUNK):
+                stop = min(begin + LOGITS_CHUNK, cut)
+                logits = head(hidden[begin - 1 : stop - 1]).float()  # (chunk, V): predicts tokens begin..stop-1
+                total += float(F.cross_entropy(logits, ids[0, begin:stop], reduction="sum"))
+                count += stop - begin
+            start = max(start, cut)
+            sums[cut][0] += total
+            sums[cut][1] += count
+    return {L: (total, count) for L, (total, count) in sums.items()}
+
+
+def sequence_nll(model, input_ids: torch.Tensor, *, score_from: int = 1) -> tuple[float, int]:
+    """Summed next-token NLL over rows of `input_ids` (N, L) and the number of tokens scored."""
+    L = input_ids.shape[-1]
+    return prefix_nll(model, input_ids, [L], score_from=score_from)[L]
 
 
 def mean_loss(model, input_ids: torch.Tensor) -> float:

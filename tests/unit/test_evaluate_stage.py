@@ -5,7 +5,6 @@ import json
 
 import pytest
 
-from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
 from drope_ops.manifest import verify_manifest
 from drope_ops.surgery import drop_rope
@@ -20,14 +19,6 @@ def drope_checkpoint(debug_checkpoint, tmp_path_factory):
 
 def drope_ops_drop(src, dst):
     return drop_rope(src, dst, progress=False)
-
-
-@pytest.fixture(scope="module")
-def text_data(tmp_path_factory):
-    root = tmp_path_factory.mktemp("text")
-    for i in range(8):
-        (root / f"doc{i}.txt").write_text(f"Document {i}. " + "The quick brown fox jumps over the lazy dog. " * 60)
-    return DataConfig(source=str(root), heldout_docs=4)
 
 
 def _hf_loss(model, blocks) -> float:

@@ -10,7 +10,7 @@ import torch
 from drope_ops import debugmodel
 from drope_ops.errors import SpecError
 from drope_ops.modeling import DropeConfig, DropeForCausalLM
-from drope_ops.temperature import beta_of, fit_beta, fit_c, fit_length, loss_at_scale
+from drope_ops.temperature import beta_of, fit_beta, fit_c, fit_length, fit_lengths, loss_at_scale, prefix_losses
 
 TEACHER_BETA = 1.3
 
@@ -51,6 +51,44 @@ def test_fit_lands_on_the_grid_optimum_within_12_evaluations(model_and_data):
     assert len(wide.evals) <= 12
     assert abs(wide.beta - best) <= 0.005
     assert model.config.logit_scale == 1.0 and model.config.logit_scale_c is None  # restored
+
+
+def _counting_forwards(model) -> list[int]:
+    """Lengths of the decoder's forwards (one per row), recorded by a hook on the DroPE model's decoder."""
+    lengths = []
+    model.model.register_forward_hook(lambda mod, args, kwargs, out: lengths.append(kwargs["input_ids"].shape[-1]),
+                                      with_kwargs=True)
+    return lengths
+
+
+def test_prefix_losses_equal_each_prefix_alone_from_one_forward(model_and_data):
+    model, data = model_and_data
+    rows = data[:2]  # (2, 256)
+    forwards = _counting_forwards(model)
+    got = prefix_losses(model, rows, 1.25, [100, 128, 256])
+    assert forwards == [256, 256]  # one forward a row for the three lengths
+    for L in (100, 128, 256):
+        assert got[L] == pytest.approx(loss_at_scale(model, rows[:, :L], 1.25), rel=1e-5), L
+    assert got[100] != pytest.approx(got[256], rel=1e-3)  # the prefixes are really scored apart
+    with pytest.raises(ValueError, match="1..256"):
+        prefix_losses(model, rows, 1.0, [300])
+
+
+def test_shorter_lengths_reuse_the_longer_lengths_forwards(model_and_data):
+    model, data = model_and_data
+    rows = data[:2]
+    alone = {L: fit_length(model, rows[:, :L], bounds=(0.5, 3.0), max_evals=5) for L in (128, 256)}
+    forwards = _counting_forwards(model)
+    fits = fit_lengths(model, rows, [128, 256], bounds=(0.5, 3.0), max_evals=5)
+    for L in (128, 256):  # each length's search is its own: the same betas asked, the same losses (to the
+        # summation order: 256's sum now stops at 128 on its way, which moves Brent's parabolic steps ~1e-7)
+        assert [b for b, _ in fits[L].evals] == pytest.approx([b for b, _ in alone[L].evals], abs=1e-5), L
+        assert [x for _, x in fits[L].evals] == pytest.approx([x for _, x in alone[L].evals], rel=1e-5), L
+        assert fits[L].beta == pytest.approx(alone[L].beta)
+    # Brent's first two points come from the bounds alone: the 128 search gets them from 256's forwards
+    assert fits[256].shared == 0 and fits[128].shared >= 2
+    n_256, n_128 = len(fits[256].evals), len(fits[128].evals) - fits[128].shared
+    assert forwards == [256] * 2 * n_256 + [128] * 2 * n_128  # 2 rows a forward; longest first
 
 
 def test_evaluation_budget_is_a_hard_cap():

@@ -3,12 +3,16 @@
     drope fit-temperature CKPT OUT --factors 2 4 --sequences 4 [--data shakespeare]
 
 For each extension factor s, beta(s) minimising the held-out loss at L = s * C_train (bounded Brent,
-<= max_evals losses, drope_ops.temperature); then c in beta = 1 + c ln s by least squares. OUT is the
+<= max_evals losses, drope_ops.temperature); then c in beta = 1 + c ln s by least squares. Every length
+scores the first L tokens of the same held-out sequences (those of the longest length). OUT is the
 same checkpoint (weights hard-linked, or copied across file systems) whose config.json carries
 logit_scale_c = c, so the model applies beta(L) by itself at any length; temperature_fit.json holds
 the per-length fits; the manifest is written last and the directory appears by one rename.
-With Ray initialised, each length is its own Ray task (workflows.tasks.run_units), handed the
-checkpoint's URI: it materializes the checkpoint on its own node.
+With Ray initialised and room for more than one at once, each length is its own Ray task
+(workflows.tasks.run_units), handed the checkpoint's URI: it materializes the checkpoint on its own node.
+Where the lengths would run one after another anyway (one task's CPUs / GPUs fill the largest node, or
+no Ray), one task fits them all, longest first, and the shorter lengths reuse the longer ones' forwards
+(drope_ops.temperature.fit_lengths: each forward at scale beta scores every shorter prefix too).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from drope_ops.hardware import Dtype, resolve_dtype
 from drope_ops.temperature import MAX_EVALS_CAP
 from workflows import stage_io
 from workflows.stage import Stage
-from workflows.tasks import run_units, task_device
+from workflows.tasks import run_units, task_device, units_at_once
 
 
 @dataclass
@@ -45,7 +49,8 @@ class TemperatureConfig:
     cpus_per_length: float = 1
     """CPUs (and torch threads) of each per-length Ray task when Ray is initialised. Lengths cost
     unequally (attention grows with L^2): on a small node, all its CPUs per length runs them one after
-    another with none idle, where one CPU each leaves one idle while the longest finishes."""
+    another with none idle (in one task, the shorter lengths reusing the longer's forwards), where one
+    CPU each leaves one idle while the longest finishes."""
     gpus_per_length: float = 0
     """GPUs of each per-length task (the model and its loss evaluations go on the task's GPU)."""
     memory_per_length_gb: float | None = None
@@ -83,21 +88,30 @@ def load_drope(checkpoint_dir: str, dtype: str = "float32", device: str = "cpu")
     return model.to(device).eval(), AutoTokenizer.from_pretrained(checkpoint_dir)
 
 
-def fit_one_length(checkpoint: str, data: DataConfig, factor: float, cfg: TemperatureConfig) -> dict:
-    """One target length: {"factor", "length", "beta", "loss", "evals"}. A plain function (Ray task)."""
+def fit_factors(checkpoint: str, data: DataConfig, factors: list[float], cfg: TemperatureConfig) -> list[dict]:
+    """beta for each of `factors`, in one task, the lengths sharing forwards: [{"factor", "length", "beta",
+    "loss", "evals", "forwards"}]. A plain function (Ray task)."""
     import torch
 
     from drope_ops.data import heldout_blocks
-    from drope_ops.temperature import fit_length
+    from drope_ops.temperature import fit_lengths
 
     model, tok = load_drope(str(stage_io.local_dir(checkpoint)), cfg.dtype, task_device(cfg.gpus_per_length))
-    length = int(round(factor * model.config.original_max_position_embeddings))
-    blocks = heldout_blocks(data, tok, length, cfg.sequences_per_length)
-    print(f"[fit_temperature] s={factor} L={length} on {len(blocks)} held-out sequences", flush=True)
+    C = model.config.original_max_position_embeddings
+    length_of = {s: int(round(s * C)) for s in factors}
+    # the stage's longest length: every task scores prefixes of the same sequences, however they are split
+    blocks = heldout_blocks(data, tok, int(round(max(map(float, cfg.extension_factors)) * C)), cfg.sequences_per_length)
+    print(f"[fit_temperature] L={', '.join(map(str, length_of.values()))} on the first L tokens of {len(blocks)} "
+          f"held-out sequences", flush=True)
+
+    def say(L: int, beta: float, loss: float, shared: bool) -> None:
+        print(f"[fit_temperature]   L={L} beta={beta:.4f} loss={loss:.5f}"
+              + (" (from a longer length's forward)" if shared else ""), flush=True)
+
     with torch.inference_mode():
-        fit = fit_length(model, blocks, tuple(cfg.bounds), cfg.max_evals,
-                         progress=lambda b, l: print(f"[fit_temperature]   s={factor} beta={b:.4f} loss={l:.5f}", flush=True))
-    return {"factor": factor, "length": length, "beta": fit.beta, "loss": fit.loss, "evals": fit.evals}
+        fits = fit_lengths(model, blocks, list(length_of.values()), tuple(cfg.bounds), cfg.max_evals, progress=say)
+    return [{"factor": s, "length": L, "beta": fits[L].beta, "loss": fits[L].loss, "evals": fits[L].evals,
+             "forwards": len(fits[L].evals) - fits[L].shared} for s, L in length_of.items()]
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:
@@ -139,17 +153,22 @@ def fit_temperature(cfg: TemperatureConfig, data: DataConfig, checkpoint: str, o
     {"output", "c", "betas": {factor: beta}, "losses": {factor: loss}, "lengths": {factor: L}}."""
     from drope_ops.temperature import fit_c
 
-    factors = [float(s) for s in cfg.extension_factors]
-    # longest first: with cpus_per_length = all CPUs the lengths run one after another
-    fits = run_units(fit_one_length, [(checkpoint, data, s, cfg) for s in sorted(factors, reverse=True)],
-                     cpus=cfg.cpus_per_length, gpus=cfg.gpus_per_length, memory=_gib(cfg.memory_per_length_gb),
-                     what="fit_temperature.cpus_per_length / gpus_per_length / memory_per_length_gb")
-    fits.sort(key=lambda f: factors.index(f["factor"]))
+    factors = sorted((float(s) for s in cfg.extension_factors), reverse=True)  # longest first
+    memory = _gib(cfg.memory_per_length_gb)
+    if units_at_once(len(factors), cpus=cfg.cpus_per_length, gpus=cfg.gpus_per_length, memory=memory) > 1:
+        groups = [[s] for s in factors]  # side by side, one task a length
+    else:
+        groups = [factors]  # one after another anyway: one task, the shorter lengths reusing the longer's forwards
+    per_group = run_units(fit_factors, [(checkpoint, data, g, cfg) for g in groups], cpus=cfg.cpus_per_length,
+                          gpus=cfg.gpus_per_length, memory=memory,
+                          what="fit_temperature.cpus_per_length / gpus_per_length / memory_per_length_gb")
+    order = [float(s) for s in cfg.extension_factors]
+    fits = sorted((f for fs in per_group for f in fs), key=lambda f: order.index(f["factor"]))
     betas = {f["factor"]: f["beta"] for f in fits}
     c = fit_c(betas)
     for step, f in enumerate(fits):
         print(f"[fit_temperature] s={f['factor']:g} L={f['length']} beta={f['beta']:.4f} loss={f['loss']:.4f} "
-              f"({len(f['evals'])} evals)", flush=True)
+              f"({len(f['evals'])} evals, {f['forwards']} forwards)", flush=True)
         if metrics_sink is not None:
             metrics_sink.log_metrics({"beta": f["beta"], "heldout_loss": f["loss"], "length": f["length"]}, step)
     if metrics_sink is not None:
