@@ -2,8 +2,8 @@
 
     nll, n = sequence_nll(model, blocks)                    # blocks (N, L): full-context loss
     sums = prefix_nll(model, blocks, [L // 2, L])           # {L: (nll, n)}: the first L tokens, one forward
-    nll, n = cropped_nll(model, blocks, context=2048)       # each token sees at most C_train tokens
-    perplexity_vs_length(model, blocks_by_length, ...)      # {L: {"loss": ..., "ppl": ...}}
+    sums = cropped_nll(model, blocks, context=2048)         # {L: (nll, n)}: each token sees <= C_train tokens
+    points = perplexity_points(model, blocks, [2048, 4096, 8192])  # {L: {"loss", "ppl", "tokens"}}
 
 The lm_head runs over chunks of positions: a (L, vocab) fp32 logits tensor at L = 16k and a 49k
 vocab is 3 GB, a chunk of 1024 positions is 200 MB. Attention goes through the model's own backend
@@ -69,34 +69,42 @@ def mean_loss(model, input_ids: torch.Tensor) -> float:
 
 
 @torch.inference_mode()
-def cropped_nll(model, input_ids: torch.Tensor, context: int, stride: int | None = None) -> tuple[float, int]:
-    """NLL when the model only ever sees the last <= `context` tokens (sliding windows, stride C/2).
+def cropped_nll(model, input_ids: torch.Tensor, context: int, stride: int | None = None,
+                lengths=None) -> dict[int, tuple[float, int]]:
+    """{L: (NLL, tokens)} over the first L tokens of the rows (every L in `lengths`, default the rows'
+    length) when the model only ever sees the last <= `context` tokens (sliding windows, stride C/2).
 
     Windows [b, b + C) advance by `stride`; each scores only the tokens the previous window did not,
     so every token t >= 1 is scored exactly once, given between C - stride and C - 1 tokens of context
-    (fewer at the start, exactly as the full-context evaluation).
+    (fewer at the start, exactly as the full-context evaluation). A prefix's windows are the longest
+    length's first ones (cut at L), so one pass of windows scores every L.
     """
     stride = stride or max(1, context // 2)
-    total, count = 0.0, 0
-    L = input_ids.shape[-1]
-    for row in input_ids.view(-1, L):
+    T = input_ids.shape[-1]
+    cuts = sorted({int(L) for L in (lengths or [T])})
+    sums = {L: [0.0, 0] for L in cuts}
+    for row in input_ids.view(-1, T):
         scored_until = 1  # token 0 has no prediction
         begin = 0
-        while scored_until < L:
-            end = min(begin + context, L)
-            window = row[begin:end].view(1, -1)
-            nll, n = sequence_nll(model, window, score_from=scored_until - begin)
-            total, count = total + nll, count + n
+        while scored_until < cuts[-1]:
+            end = min(begin + context, cuts[-1])
+            open_cuts = [L for L in cuts if L > scored_until]  # the prefixes this window adds tokens to
+            part = prefix_nll(model, row[begin:end].view(1, -1), [min(L, end) - begin for L in open_cuts],
+                              score_from=scored_until - begin)
+            for L in open_cuts:
+                nll, n = part[min(L, end) - begin]
+                sums[L][0] += nll
+                sums[L][1] += n
             scored_until = end
             begin += stride
-    return total, count
+    return {L: (total, count) for L, (total, count) in sums.items()}
 
 
-def perplexity_point(model, blocks: torch.Tensor, *, crop_to: int | None = None) -> dict:
-    """{"loss", "ppl", "tokens"} at the blocks' length, full context or cropped to `crop_to` tokens."""
-    if crop_to is not None and crop_to < blocks.shape[-1]:
-        nll, n = cropped_nll(model, blocks, crop_to)
+def perplexity_points(model, blocks: torch.Tensor, lengths, *, crop_to: int | None = None) -> dict[int, dict]:
+    """{L: {"loss", "ppl", "tokens"}} on the first L tokens of `blocks` for every L in `lengths`: full
+    context (one forward a row for all of them), or cropped to `crop_to` tokens (one pass of windows)."""
+    if crop_to is not None and crop_to < max(lengths):
+        sums = cropped_nll(model, blocks, crop_to, lengths=lengths)
     else:
-        nll, n = sequence_nll(model, blocks)
-    loss = nll / n
-    return {"loss": loss, "ppl": math.exp(min(loss, 50.0)), "tokens": n}
+        sums = prefix_nll(model, blocks, lengths)
+    return {L: {"loss": nll / n, "ppl": math.exp(min(nll / n, 50.0)), "tokens": n} for L, (nll, n) in sums.items()}

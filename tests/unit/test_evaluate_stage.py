@@ -156,3 +156,37 @@ def test_eval_config_names_bad_fields():
         EvalConfig(tasks=["longbench"])
     with pytest.raises(SpecError, match="max_evals"):
         TemperatureConfig(max_evals=13)
+
+
+def test_the_base_model_scores_every_length_in_one_pass(debug_checkpoint, text_data):
+    """rope's perplexity at 1x / 2x / 4x is one forward a row at 4x, crop's 2x and 4x one pass of windows;
+    each equals the loss computed on its own over the first L tokens of the same held-out sequences."""
+    from transformers import AutoTokenizer
+
+    from drope_ops.data import heldout_blocks
+    from drope_ops.evals.perplexity import cropped_nll
+    from workflows.stages import evaluate as stage
+
+    cfg = EvalConfig(variants=["rope"], tasks=["perplexity"], extension_factors=[1, 2, 4], perplexity_sequences=2,
+                     dtype="float32", original_context=128)
+    units = evaluation_units(cfg, drope_checkpoint=None, base_checkpoint=str(debug_checkpoint), original_context=128,
+                             data=text_data)
+    rope = [u for u in units if u["variant"] == "rope"]
+    crop = [u for u in units if u["variant"] == "crop" and u["length"] > 128]
+    assert len({stage.model_key(u) for u in rope}) == 1 and [u["length"] for u in rope] == [128, 256, 512]
+    blocks = heldout_blocks(text_data, AutoTokenizer.from_pretrained(debug_checkpoint), 512, 2)
+    for group, window in ((rope, 512), (crop, 128)):
+        model, _ = stage._model_for(group[0])
+        forwards = []
+        hook = model.model.register_forward_hook(
+            lambda mod, args, kwargs, out: forwards.append(kwargs["input_ids"].shape[-1]), with_kwargs=True)
+        results = stage.run_group(group)
+        hook.remove()
+        if window == 512:
+            assert forwards == [512, 512]  # one forward a row for the three lengths
+            alone = [_hf_loss(model, blocks[:, :u["length"]]) for u in group]
+        else:  # windows of 128 at stride 64 over 512 tokens: 7 a row, 2x's 3 among them
+            assert forwards == [128] * 7 * 2
+            alone = [(lambda t, n: t / n)(*cropped_nll(model, blocks[:, :u["length"]], 128)[u["length"]]) for u in group]
+        assert [r["loss"] for r in results] == pytest.approx(alone, rel=1e-5)
+        assert [r["length"] for r in results] == [u["length"] for u in group]

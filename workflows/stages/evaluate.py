@@ -13,7 +13,9 @@ heatmap per variant and task, and perplexity_vs_length.png.
 Lengths are L = s * C_train, C_train being the DroPE config's original_max_position_embeddings (or
 `original_context`): SmolLM2's config says 8192 though it pretrained at 2048. The base variants get
 extension factor s (PI / YaRN at factor 1 are the base model). Perplexity adds the "crop" reference:
-the base model fed at most C_train tokens (sliding windows), the paper's Figure 5 comparison.
+the base model fed at most C_train tokens (sliding windows), the paper's Figure 5 comparison. Every
+length's perplexity scores the first L tokens of the same held-out sequences (those of the longest
+length), so the base model as is (rope, crop) scores all its lengths in one pass.
 """
 
 from __future__ import annotations
@@ -161,9 +163,13 @@ _MODEL_CACHE: dict[tuple, tuple] = {}
 
 
 def model_key(unit: dict) -> tuple:
-    """(checkpoint, variant, factor) of the model a unit runs on: crop is the base RoPE model as is."""
+    """(checkpoint, variant, factor) of the model a unit runs on: crop is the base RoPE model as is, and
+    so is rope at any factor: its perplexity units all run on it at the longest factor (one pass of the
+    held-out sequences scores every length, perplexity_units)."""
     if unit["variant"] == "crop":
         return unit["checkpoint"], "rope", 1.0
+    if unit["variant"] == "rope" and unit["task"] == "perplexity":
+        return unit["checkpoint"], "rope", max(map(float, unit["cfg"].extension_factors))
     return unit["checkpoint"], unit["variant"], unit["factor"]
 
 
@@ -210,7 +216,7 @@ def run_unit(unit: dict) -> dict:
     """Evaluate one unit; returns {"variant", "task", "factor", "length", "score", ...}."""
     import torch
 
-    from drope_ops.evals import longbench, niah, perplexity
+    from drope_ops.evals import longbench, niah
 
     cfg = unit["cfg"]
     model, tok = _model_for(unit)
@@ -234,15 +240,7 @@ def run_unit(unit: dict) -> dict:
                                      essay_sentences=essay, progress=say)
             out.update(metric="string_match_all", score=res["score"], by_depth=res["by_depth"], samples=res["samples"])
         elif task == "perplexity":
-            from drope_ops.data import heldout_blocks
-
-            if unit["data"] is None:
-                raise SpecError("the perplexity task needs held-out text: pass data= (a DataConfig)")
-            blocks = heldout_blocks(unit["data"], tok, length, cfg.perplexity_sequences)
-            crop = unit["original_context"] if unit["variant"] == "crop" else None
-            res = perplexity.perplexity_point(model, blocks, crop_to=crop)
-            say(f"perplexity L={length}: {res['ppl']:.3f}")
-            out.update(metric="perplexity", score=res["ppl"], loss=res["loss"], tokens=res["tokens"])
+            out = perplexity_units([unit])[0]
         else:
             name = task.split("/", 1)[1]
             records = longbench.load_records(cfg.longbench_path, name)
@@ -250,6 +248,31 @@ def run_unit(unit: dict) -> dict:
                                           progress=say)
             out.update(metric=longbench.METRIC[name], score=res["score"], n=res["n"])
     return out
+
+
+def perplexity_units(units: list[dict]) -> list[dict]:
+    """The perplexity units of one model and variant, every length from one pass over the held-out
+    sequences: each length scores the first L tokens of the same sequences (those of the stage's longest
+    length), full context in one forward a row, or crop's C_train windows in one pass."""
+    from drope_ops.data import heldout_blocks
+    from drope_ops.evals import perplexity
+
+    first = units[0]
+    if first["data"] is None:
+        raise SpecError("the perplexity task needs held-out text: pass data= (a DataConfig)")
+    model, tok = _model_for(first)
+    C, cfg = first["original_context"], first["cfg"]
+    blocks = heldout_blocks(first["data"], tok, int(round(max(map(float, cfg.extension_factors)) * C)),
+                            cfg.perplexity_sequences)
+    points = perplexity.perplexity_points(model, blocks, [u["length"] for u in units],
+                                          crop_to=C if first["variant"] == "crop" else None)
+    results = []
+    for u in units:
+        res = points[u["length"]]
+        print(f"[evaluate] {u['variant']}: perplexity L={u['length']}: {res['ppl']:.3f}", flush=True)
+        results.append({**{k: u[k] for k in ("variant", "task", "factor", "length")}, "metric": "perplexity",
+                        "score": res["ppl"], "loss": res["loss"], "tokens": res["tokens"]})
+    return results
 
 
 def _fits(task: str, tok, length: int, cfg: EvalConfig) -> bool:
@@ -350,8 +373,14 @@ def _log_score(metrics_sink, model_ids: dict, r: dict) -> None:
 
 
 def run_group(units: list[dict]) -> list[dict]:
-    """The units that share one model, in one task: the model is loaded once for all of them."""
-    return [run_unit(u) for u in units]
+    """The units that share one model, in one task: the model is loaded once for all of them, and the
+    perplexity units of one variant score all their lengths in one pass (perplexity_units)."""
+    sweeps: dict[str, list[dict]] = {}
+    for u in units:
+        if u["task"] == "perplexity":
+            sweeps.setdefault(u["variant"], []).append(u)
+    swept = {id(u): r for group in sweeps.values() for u, r in zip(group, perplexity_units(group))}
+    return [swept[id(u)] if id(u) in swept else run_unit(u) for u in units]
 
 
 def _run_all(units: list[dict], cfg: EvalConfig, log_cell) -> list[dict]:
