@@ -13,6 +13,7 @@ the context the model was pretrained at (2048 for SmolLM2).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from pathlib import Path
@@ -56,15 +57,33 @@ def _gguf_without_accelerate():
         modeling_utils.is_accelerate_available = original
 
 
+@contextlib.contextmanager
+def _gguf_parsed_once():
+    """transformers parses the GGUF file for the config, again for the weights and again for the
+    tokenizer (gguf.GGUFReader: ~6 s each for SmolLM2-135M, most of it its 49k-entry vocabulary), and
+    builds gguf's tensor-name map once per module (397 times, ~5 s). Within this block each is built
+    once and handed out again: transformers only reads them (fields, tensors, name lookups)."""
+    import gguf
+
+    reader_class, name_map = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(reader_class)
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(name_map)
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = reader_class, name_map
+
+
 def load_gguf(gguf_file: str | os.PathLike, dtype: torch.dtype = torch.float32):
     """(dense model, tokenizer) from a GGUF file, ready for save_pretrained."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = check_gguf_file(gguf_file)
     try:
-        with _gguf_without_accelerate():
-            model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+        with _gguf_parsed_once():
+            with _gguf_without_accelerate():
+                model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
     except (ValueError, KeyError, NotImplementedError, RuntimeError) as e:
         first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
         raise CheckpointError(f"{path}: transformers cannot read this GGUF ({first}); "

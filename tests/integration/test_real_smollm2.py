@@ -19,9 +19,27 @@ pytestmark = pytest.mark.real_model
 PROMPT = "The capital of France is"
 
 
+PARSES: list = []
+"""The GGUF readers (file parses) the module's import built."""
+
+
 @pytest.fixture(scope="module")
 def imported(smollm2_gguf, tmp_path_factory):
-    return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "imported")
+    import gguf
+
+    reader = gguf.GGUFReader
+    gguf.GGUFReader = lambda *args, **kwargs: PARSES.append(args) or reader(*args, **kwargs)
+    try:
+        return import_gguf(smollm2_gguf, tmp_path_factory.mktemp("smollm2") / "imported")
+    finally:
+        gguf.GGUFReader = reader
+
+
+def test_the_gguf_is_parsed_once_for_config_weights_and_tokenizer(imported):
+    import gguf
+
+    assert len(PARSES) == 1, PARSES  # transformers alone parses it three times
+    assert isinstance(gguf.GGUFReader, type) and not hasattr(gguf.get_tensor_name_map, "cache_info")  # put back
 
 
 @pytest.fixture(scope="module")
