@@ -12,6 +12,7 @@ import shutil
 import socket
 import subprocess
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -109,14 +110,20 @@ def test_local_up_binds_loopback_only_and_local_down_stops_everything(tmp_path):
         assert refused.value.code in (401, 403)
         # ...and a client with the env file's settings reaches the GCS.
         client_env = {**env, **lines}  # what `set -a; . env` gives a user's shell
-        for _ in range(3):  # a GCS busy on a loaded box can miss the client's connect timeout
+        # A GCS busy on a loaded box can miss the client's connect timeout, and Ray's monitor
+        # posts the first cluster status some seconds after the head answers ("No cluster
+        # status. It may take a few seconds..."): ask again, for at most 90 s.
+        deadline = time.monotonic() + 90
+        while True:
             status = subprocess.run(
                 [str(REPO / ".venv" / "bin" / "ray"), "status", "--address",
                  lines["RAY_GCS_ADDRESS"]],
                 env=client_env, capture_output=True, text=True, timeout=120,
             )
-            if status.returncode == 0 or "Timed out" not in status.stderr:
+            retry = "Timed out" in status.stderr or "No cluster status" in status.stdout
+            if not retry or time.monotonic() > deadline:
                 break
+            time.sleep(2)
         assert status.returncode == 0, status.stdout + status.stderr
         assert "Active:" in status.stdout and "1.0 CPU" in status.stdout, status.stdout
     finally:
