@@ -7,7 +7,8 @@ torchrun. This runs recalibrate() once (local Ray, ZeRO-2, --workers CPU workers
 samples every process of the Ray session (psutil, every 0.2 s), and rank 0's metrics sink writes a
 timestamp per step. Over the steady steps (after --skip) it prints the CPU seconds of each kind of
 process: the two ranks (RayTrainWorker), the Train controller and its helper actors, the raylet, the
-GCS, the dashboard and its agents, the driver, and what they take of the box's cores.
+GCS, the dashboard and its agents, the driver, and what they take of the box's cores; then the helper
+actors one by one (by their `ray::` process title: idle pooled workers show as `ray::IDLE`).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class StepClock:
 
 
 RANKS = "ranks (RayTrainWorker)"
+HELPERS = "Train controller + helper actors"
 
 
 def kind(p: psutil.Process) -> str | None:
@@ -57,7 +59,7 @@ def kind(p: psutil.Process) -> str | None:
     if "RayTrainWorker" in cmd or "RayTrainWorker" in name:
         return RANKS
     if name.startswith("ray::") or cmd.startswith("ray::"):
-        return "Train controller + helper actors"
+        return HELPERS
     if "raylet" in name:
         return "raylet"
     if "gcs_server" in name:
@@ -69,8 +71,16 @@ def kind(p: psutil.Process) -> str | None:
     return None
 
 
+def title(p: psutil.Process) -> str:
+    """A Ray worker's process title (`ray::TrainController.run`, `ray::IDLE`, ...)."""
+    try:
+        return p.name() if p.name().startswith("ray::") else p.cmdline()[0].split()[0]
+    except (psutil.NoSuchProcess, psutil.AccessDenied, IndexError):
+        return "?"
+
+
 def sample(samples: list, stop: threading.Event) -> None:
-    """[(time, {pid: (kind, user+system CPU seconds)})] every 0.2 s."""
+    """[(time, {pid: (kind, title, user+system CPU seconds)})] every 0.2 s."""
     while not stop.is_set():
         now, seen = time.time(), {}
         for p in psutil.process_iter():
@@ -79,21 +89,23 @@ def sample(samples: list, stop: threading.Event) -> None:
                 continue
             try:
                 t = p.cpu_times()
-                seen[p.pid] = (k, t.user + t.system)
+                seen[p.pid] = (k, title(p) if k == HELPERS else "", t.user + t.system)
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 pass
         samples.append((now, seen))
         stop.wait(0.2)
 
 
-def cpu_between(samples, t0: float, t1: float) -> dict[str, float]:
-    """CPU seconds per kind between the samples nearest t0 and t1 (pids alive in both)."""
+def cpu_between(samples, t0: float, t1: float, by_title: bool = False) -> dict[str, float]:
+    """CPU seconds per kind (or per helper actor's title) between the samples nearest t0 and t1
+    (pids alive in both)."""
     a = min(samples, key=lambda s: abs(s[0] - t0))[1]
     b = min(samples, key=lambda s: abs(s[0] - t1))[1]
     out: dict[str, float] = {}
-    for pid, (k, cpu) in b.items():
-        if pid in a:
-            out[k] = out.get(k, 0.0) + cpu - a[pid][1]
+    for pid, (k, name, cpu) in b.items():
+        if pid in a and (k == HELPERS or not by_title):
+            key = name if by_title else k
+            out[key] = out.get(key, 0.0) + cpu - a[pid][2]
     return out
 
 
@@ -138,6 +150,10 @@ def main() -> int:
     print(f"\n| process | CPU-s | share of the Ray session's CPU | cores busy |\n|---|---|---|---|")
     for k, v in sorted(used.items(), key=lambda kv: -kv[1]):
         print(f"| {k} | {v:.2f} | {v / total:.1%} | {v / wall:.2f} |")
+    helpers = cpu_between(samples, t0, t1, by_title=True)
+    print(f"\n| {HELPERS}, one by one | CPU-s | cores busy |\n|---|---|---|")
+    for name, v in sorted(helpers.items(), key=lambda kv: -kv[1]):
+        print(f"| {name} | {v:.2f} | {v / wall:.3f} |")
     others = total - used.get(RANKS, 0.0)
     print(f"\nnot the ranks: {others:.2f} CPU-s = {others / (cores * wall):.1%} of the box's cores over the steps")
     return 0
