@@ -4,7 +4,8 @@
     .venv/bin/python benchmarks/niah_vs_prefill.py --part time --length 4096 --max-new-tokens 12
     .venv/bin/python benchmarks/niah_vs_prefill.py --part memory --lengths 2048 4096 8192 16384
 
-Part "time" (real SmolLM2-135M, imported from the PyPI GGUF, bf16): one NIAH sample at length L
+Part "time" (real SmolLM2-135M, imported from the PyPI GGUF, --dtype: auto = what the node's probe picks,
+as the evaluate stage does): one NIAH sample at length L
 (RULER prompt built token-exact, prefill once with the KV cache, greedy decode up to max_new_tokens)
 against one bare forward of L tokens (logits of the last position only: the stricter baseline),
 interleaved, medians. Goal: ratio <= 1.15.
@@ -35,23 +36,23 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _smollm2(tmp: str):
+def _smollm2(tmp: str, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from drope_ops import assets
     from drope_ops.gguf import import_gguf
 
     ckpt = import_gguf(assets.smollm2_gguf(), os.path.join(tmp, "smollm2"))
-    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.bfloat16, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").eval()
     return model, AutoTokenizer.from_pretrained(ckpt)
 
 
-def time_part(length: int, max_new_tokens: int, repeats: int) -> dict:
+def time_part(length: int, max_new_tokens: int, repeats: int, dtype: torch.dtype) -> dict:
     from drope_ops.evals import niah
     from drope_ops.evals.decoding import greedy_generate
 
     with tempfile.TemporaryDirectory() as tmp:
-        model, tok = _smollm2(tmp)
+        model, tok = _smollm2(tmp, dtype)
     # The bare forward's input: a NIAH prompt of L - 1 tokens plus one more, exactly L tokens.
     prompt = niah.make_sample("niah_single_1", tok, length=length, depth=50, max_new_tokens=1).prompt_ids
     bare_ids = torch.tensor(prompt + prompt[-1:]).view(1, -1)
@@ -141,6 +142,7 @@ def main() -> None:
     p.add_argument("--length", type=int, default=4096)
     p.add_argument("--max-new-tokens", type=int, default=12)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16"], default="auto")
     p.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384])
     p.add_argument("--memory-child", type=int, help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -148,8 +150,11 @@ def main() -> None:
         print(json.dumps(memory_child(args.memory_child)))
         return
     if args.part in ("time", "both"):
-        print(f"NIAH sample vs bare prefill, SmolLM2-135M bf16, L={args.length}:")
-        r = time_part(args.length, args.max_new_tokens, args.repeats)
+        from drope_ops.hardware import resolve_dtype
+
+        dtype = resolve_dtype(args.dtype, "--dtype")
+        print(f"NIAH sample vs bare prefill, SmolLM2-135M {dtype}, L={args.length}:")
+        r = time_part(args.length, args.max_new_tokens, args.repeats, dtype)
         print(f"time: prefill {r['prefill_s']:.2f} s, NIAH sample {r['sample_s']:.2f} s, "
               f"ratio {r['ratio']:.3f} (goal <= 1.15), tokens generated {r['generated']}")
     if args.part in ("memory", "both"):
