@@ -62,7 +62,7 @@ def part_fit(run: Path) -> None:
 
     torch.set_num_threads(2)
     model, tok = load_drope(stage_output(run, "recalibrate"), "float32")
-    blocks = heldout_blocks(shakespeare(), tok, 4 * C_TRAIN, 1)
+    blocks = heldout_blocks(shakespeare(), tok, 4 * C_TRAIN, 1, split="validation")
     with torch.inference_mode():
         before, t_before = timed(lambda: {L: fit_length(model, blocks[:, :L], (0.5, 3.0), 5) for L in (8192, 4096)})
         after, t_after = timed(lambda: fit_lengths(model, blocks, [4096, 8192], (0.5, 3.0), 5))
@@ -82,7 +82,7 @@ def part_eval(run: Path) -> None:
     torch.set_num_threads(1)
     base = stage_output(run, "fetch")
     model = rope_scaling.load_variant(base, "rope", 4.0, C_TRAIN)
-    blocks = heldout_blocks(shakespeare(), AutoTokenizer.from_pretrained(base), 4 * C_TRAIN, 1)
+    blocks = heldout_blocks(shakespeare(), AutoTokenizer.from_pretrained(base), 4 * C_TRAIN, 1, split="test")
     lengths, cropped = [2048, 4096, 8192], [4096, 8192]
 
     def one_pass_each():

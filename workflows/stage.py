@@ -50,7 +50,7 @@ class Stage:
     logged_model: str | None = None
     """MLflow LoggedModel name of the checkpoint it writes (None: it writes no model)."""
     dataset_context: str | None = None
-    """MLflow dataset context of spec.data it logs as a run input ("training", "heldout"), or None."""
+    """MLflow dataset context of spec.data it logs as a run input ("training", "validation"), or None."""
     label: str = ""
     """What `drope lineage` calls its output."""
     enabled: Callable = lambda spec: True

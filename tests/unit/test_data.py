@@ -45,6 +45,21 @@ def test_heldout_split_is_deterministic_disjoint_and_seeded(jsonl):
     assert [d[:11] for d in first3] == ["document 00", "document 01", "document 02"]
 
 
+def test_fit_and_evaluation_get_disjoint_heldout_documents(jsonl, tok):
+    """The temperature is fitted on the validation documents, perplexity reported on the test ones: the
+    held-out documents alternate between the two, and their blocks share no text."""
+    cfg = DataConfig(source=str(jsonl), text_field="body", heldout_fraction=0.2)
+    held = list(iter_documents(cfg, "heldout"))
+    validation, test = list(iter_documents(cfg, "validation")), list(iter_documents(cfg, "test"))
+    assert validation == held[0::2] and test == held[1::2] and len(test) == 2
+    fit, scored = heldout_blocks(cfg, tok, 8, 2, split="validation"), heldout_blocks(cfg, tok, 8, 2, split="test")
+    assert not set(validation) & set(test)
+    assert fit.flatten().tolist() == list(validation[0].encode()[:16])  # "document 00 xxx..."
+    assert scored.flatten().tolist() == list(test[0].encode()[:16])  # "document 05 xxx..."
+    with pytest.raises(ValueError, match="split must be one of"):
+        list(iter_documents(cfg, "valid"))
+
+
 def test_local_txt_dir_and_parquet_sources(tmp_path, tok):
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -63,8 +78,10 @@ def test_bad_sources_and_fields_name_the_field(tmp_path, jsonl, tok):
         load_blocks(DataConfig(source=str(tmp_path / "nothing*.txt")), tok, 8)
     with pytest.raises(SpecError, match="data.text_field='text'"):
         load_blocks(DataConfig(source=str(jsonl)), tok, 8)
-    with pytest.raises(SpecError, match=r"held-out text .* gives 4 blocks of 5 tokens, 100 asked"):
-        heldout_blocks(DataConfig(source=str(jsonl), text_field="body", heldout_docs=1), tok, 5, 100)
+    with pytest.raises(SpecError, match=r"the heldout part of .* gives 4 blocks of 5 tokens, 100 asked"):
+        heldout_blocks(DataConfig(source=str(jsonl), text_field="body", heldout_docs=1), tok, 5, 100, split="heldout")
+    with pytest.raises(SpecError, match=r"gives no test block of 5 tokens; raise data.heldout_fraction"):
+        heldout_blocks(DataConfig(source=str(jsonl), text_field="body", heldout_docs=1), tok, 5, 1, split="test")
     for bad in ({"heldout_fraction": 0.0}, {"seq_len": 1}, {"max_tokens": 0}, {"source": ""}):
         with pytest.raises(SpecError, match="data."):
             DataConfig(**bad)
@@ -72,7 +89,7 @@ def test_bad_sources_and_fields_name_the_field(tmp_path, jsonl, tok):
 
 def test_heldout_blocks_at_a_longer_length(jsonl, tok):
     cfg = DataConfig(source=str(jsonl), text_field="body", heldout_docs=10)
-    short, long = heldout_blocks(cfg, tok, 8, 4), heldout_blocks(cfg, tok, 32, 2)
+    short, long = heldout_blocks(cfg, tok, 8, 4, split="test"), heldout_blocks(cfg, tok, 32, 2, split="test")
     assert short.shape == (4, 8) and long.shape == (2, 32)
     assert torch.equal(long.flatten()[:32], short.flatten())  # same text, packed at another length
 

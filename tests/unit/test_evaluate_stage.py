@@ -67,7 +67,7 @@ def test_fit_temperature_writes_the_fitted_checkpoint(drope_checkpoint, text_dat
     # each loss is transformers' loss of the checkpoint at that beta, on held-out text of that length
     tok = AutoTokenizer.from_pretrained(drope_checkpoint)
     for s in (2.0, 4.0):
-        blocks = heldout_blocks(text_data, tok, res["lengths"][s], 1)
+        blocks = heldout_blocks(text_data, tok, res["lengths"][s], 1, split="validation")
         assert res["losses"][s] == pytest.approx(_hf_loss(_with_static_scale(drope_checkpoint, res["betas"][s]), blocks),
                                                  rel=1e-4)
 
@@ -92,7 +92,7 @@ def test_fit_temperature_writes_the_fitted_checkpoint(drope_checkpoint, text_dat
     # logits equal the unfitted model's with that static scale, and are unchanged up to C_train
     fitted = AutoModelForCausalLM.from_pretrained(out, dtype="float32").eval()
     assert fitted.config.logit_scale_c == pytest.approx(res["c"])
-    ids = heldout_blocks(text_data, tok, 4 * c_train, 1)[0]
+    ids = heldout_blocks(text_data, tok, 4 * c_train, 1, split="validation")[0]
     with torch.no_grad():
         for length in (c_train // 2, c_train, 2 * c_train, 4 * c_train):
             x = ids[:length].view(1, -1)
@@ -174,7 +174,7 @@ def test_the_base_model_scores_every_length_in_one_pass(debug_checkpoint, text_d
     rope = [u for u in units if u["variant"] == "rope"]
     crop = [u for u in units if u["variant"] == "crop" and u["length"] > 128]
     assert len({stage.model_key(u) for u in rope}) == 1 and [u["length"] for u in rope] == [128, 256, 512]
-    blocks = heldout_blocks(text_data, AutoTokenizer.from_pretrained(debug_checkpoint), 512, 2)
+    blocks = heldout_blocks(text_data, AutoTokenizer.from_pretrained(debug_checkpoint), 512, 2, split="test")
     for group, window in ((rope, 512), (crop, 128)):
         model, _ = stage._model_for(group[0])
         forwards = []

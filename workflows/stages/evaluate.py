@@ -15,7 +15,8 @@ Lengths are L = s * C_train, C_train being the DroPE config's original_max_posit
 extension factor s (PI / YaRN at factor 1 are the base model). Perplexity adds the "crop" reference:
 the base model fed at most C_train tokens (sliding windows), the paper's Figure 5 comparison. Every
 length's perplexity scores the first L tokens of the same held-out sequences (those of the longest
-length), so the base model as is (rope, crop) scores all its lengths in one pass.
+length), so the base model as is (rope, crop) scores all its lengths in one pass. They come from the
+held-out test documents, never the validation ones the temperature was fitted on (drope_ops.data).
 """
 
 from __future__ import annotations
@@ -263,7 +264,7 @@ def perplexity_units(units: list[dict]) -> list[dict]:
     model, tok = _model_for(first)
     C, cfg = first["original_context"], first["cfg"]
     blocks = heldout_blocks(first["data"], tok, int(round(max(map(float, cfg.extension_factors)) * C)),
-                            cfg.perplexity_sequences)
+                            cfg.perplexity_sequences, split="test")  # not the fit's ("validation")
     points = perplexity.perplexity_points(model, blocks, [u["length"] for u in units],
                                           crop_to=C if first["variant"] == "crop" else None)
     results = []

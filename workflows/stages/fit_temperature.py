@@ -4,7 +4,8 @@
 
 For each extension factor s, beta(s) minimising the held-out loss at L = s * C_train (bounded Brent,
 <= max_evals losses, drope_ops.temperature); then c in beta = 1 + c ln s by least squares. Every length
-scores the first L tokens of the same held-out sequences (those of the longest length). OUT is the
+scores the first L tokens of the same held-out sequences (those of the longest length), taken from the
+held-out validation documents: the evaluation's perplexity scores the test ones (drope_ops.data). OUT is the
 same checkpoint (weights hard-linked, or copied across file systems) whose config.json carries
 logit_scale_c = c, so the model applies beta(L) by itself at any length; temperature_fit.json holds
 the per-length fits; the manifest is written last and the directory appears by one rename.
@@ -100,9 +101,10 @@ def fit_factors(checkpoint: str, data: DataConfig, factors: list[float], cfg: Te
     C = model.config.original_max_position_embeddings
     length_of = {s: int(round(s * C)) for s in factors}
     # the stage's longest length: every task scores prefixes of the same sequences, however they are split
-    blocks = heldout_blocks(data, tok, int(round(max(map(float, cfg.extension_factors)) * C)), cfg.sequences_per_length)
+    blocks = heldout_blocks(data, tok, int(round(max(map(float, cfg.extension_factors)) * C)), cfg.sequences_per_length,
+                            split="validation")  # the evaluation scores the other held-out documents ("test")
     print(f"[fit_temperature] L={', '.join(map(str, length_of.values()))} on the first L tokens of {len(blocks)} "
-          f"held-out sequences", flush=True)
+          f"held-out validation sequences", flush=True)
 
     def say(L: int, beta: float, loss: float, shared: bool) -> None:
         print(f"[fit_temperature]   L={L} beta={beta:.4f} loss={loss:.5f}"
@@ -186,4 +188,4 @@ def run(spec, ctx) -> dict:
 
 
 STAGE = Stage(name="fit_temperature", run=run, sections=("fit_temperature", "data"), inputs=("recalibrate",),
-              logged_model="temperature-fitted", dataset_context="heldout", label="temperature-fitted")
+              logged_model="temperature-fitted", dataset_context="validation", label="temperature-fitted")
