@@ -2,6 +2,9 @@
 checked against DeepSpeed's own zero_optimization schema (which forbids unknown keys)."""
 
 import copy
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -10,6 +13,8 @@ from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 from drope_ops.errors import SpecError
 from workflows.stages.recalibrate import (ZERO_DEFAULTS, RecalibrateConfig, _optimizer, check_zero_settings,
                                          deepspeed_config)
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
@@ -93,6 +98,18 @@ def test_zero_settings_not_a_mapping():
 def test_misspelt_or_mistyped_zero_settings_named(settings, key):
     with pytest.raises(SpecError, match=f"recalibrate.zero_settings.{key}"):
         check_zero_settings(RecalibrateConfig(zero_settings=settings))
+
+
+def test_no_zero_settings_checked_without_loading_deepspeed():
+    """Nothing set: the section is drope's defaults, which test_stage_and_device_settings holds to DeepSpeed's
+    schema, so the pre-flight check does not import DeepSpeed (~2.6 s in the stage process)."""
+    code = ("import sys; from workflows.stages.recalibrate import RecalibrateConfig, check_zero_settings; "
+            "check_zero_settings(RecalibrateConfig()); print('loaded', 'deepspeed' in sys.modules); "
+            "check_zero_settings(RecalibrateConfig(zero_settings={'overlap_comm': True})); "
+            "print('loaded', 'deepspeed' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
+    loaded = [line.split()[1] for line in out.stdout.splitlines() if line.startswith("loaded ")]
+    assert loaded == ["False", "True"], out.stdout + out.stderr[-2000:]
 
 
 def test_fused_optimizer_moves_weights_as_reference_adamw():
