@@ -161,6 +161,10 @@ class WorkflowSpec:
                 f"fit_temperature.extension_factors {bad}: target lengths must exceed the training length "
                 "(factors > 1, e.g. [2, 4])"
             )
+        if self.data.heldout_docs == 1 and "perplexity" in self.evaluate.tasks:
+            # held-out documents alternate: validation (the fit's), test (the evaluation's perplexity)
+            raise SpecError("data.heldout_docs=1 leaves the evaluation's perplexity no held-out document of its "
+                            "own (the temperature is fitted on the first); give data.heldout_docs >= 2")
 
 
 def load_spec(spec_or_preset: str, overrides: list[str] | None = None) -> WorkflowSpec:

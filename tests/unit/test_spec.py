@@ -38,6 +38,7 @@ def test_overrides_apply_with_yaml_types():
     ("fit_temperature.extension_factors=[1]", "fit_temperature.extension_factors"),
     ("recalibrate.lr=0", "lr"),
     ("recalibrate.steps=0", "steps"),
+    ("data.heldout_docs=1", "data.heldout_docs >= 2"),
 ])
 def test_bad_fields_name_the_field(override, field):
     with pytest.raises(SpecError) as e:
