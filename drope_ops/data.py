@@ -241,11 +241,9 @@ def load_blocks(cfg: DataConfig, tokenizer, seq_len: int, split: str = "train",
     max_tokens = cfg.max_tokens if split == "train" else None
     blocks = pack_documents(iter_documents(cfg, split), tokenizer, seq_len, max_tokens=max_tokens,
                             max_blocks=max_blocks)
-    if len(blocks) == 0:
-        fix = ("add text, raise data.max_tokens or lower data.seq_len" if split == "train" else
-               "raise data.heldout_fraction / data.heldout_docs (held-out documents alternate between "
-               "validation and test) or ask for a shorter length")
-        raise SpecError(f"data.source={cfg.source!r} gives no {split} block of {seq_len} tokens; {fix}")
+    if len(blocks) == 0 and split == "train":  # a held-out split's shortage is heldout_blocks' to refuse
+        raise SpecError(f"data.source={cfg.source!r} gives no {split} block of {seq_len} tokens; "
+                        f"add text, raise data.max_tokens or lower data.seq_len")
     if split == "train" and cfg.needles:
         blocks = add_needles(blocks, tokenizer, seq_len, count=cfg.needles, task=cfg.needle_task, seed=cfg.seed)
     if split == "train" and cfg.copies:
@@ -259,8 +257,8 @@ def heldout_blocks(data_cfg: DataConfig, tokenizer, seq_len: int, n: int, *, spl
     blocks = load_blocks(data_cfg, tokenizer, seq_len, split=split, max_blocks=n)
     if len(blocks) < n:
         raise SpecError(f"the {split} part of {data_cfg.source!r}'s held-out text gives {len(blocks)} blocks of "
-                        f"{seq_len} tokens, {n} asked; raise data.heldout_fraction / data.heldout_docs "
-                        f"or ask for fewer")
+                        f"{seq_len} tokens, {n} asked; raise data.heldout_fraction / data.heldout_docs (held-out "
+                        f"documents alternate between validation and test) or ask for fewer")
     return blocks
 
 

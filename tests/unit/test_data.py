@@ -80,7 +80,7 @@ def test_bad_sources_and_fields_name_the_field(tmp_path, jsonl, tok):
         load_blocks(DataConfig(source=str(jsonl)), tok, 8)
     with pytest.raises(SpecError, match=r"the heldout part of .* gives 4 blocks of 5 tokens, 100 asked"):
         heldout_blocks(DataConfig(source=str(jsonl), text_field="body", heldout_docs=1), tok, 5, 100, split="heldout")
-    with pytest.raises(SpecError, match=r"gives no test block of 5 tokens; raise data.heldout_fraction"):
+    with pytest.raises(SpecError, match=r"the test part of .* gives 0 blocks of 5 tokens, 1 asked; raise data.heldout_fraction"):
         heldout_blocks(DataConfig(source=str(jsonl), text_field="body", heldout_docs=1), tok, 5, 1, split="test")
     for bad in ({"heldout_fraction": 0.0}, {"seq_len": 1}, {"max_tokens": 0}, {"source": ""}):
         with pytest.raises(SpecError, match="data."):
