@@ -18,6 +18,7 @@ pytest_plugins = [
     "tests.fixtures.workflow_services",
     "tests.fixtures.cluster",
     "tests.fixtures.lm_eval_tasks",
+    "tests.fixtures.budget",
 ]
 
 

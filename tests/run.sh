@@ -9,9 +9,15 @@ cd "$here"
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 RAY_USAGE_STATS_ENABLED=0
 set +e
-.venv/bin/python -m pytest tests --durations=30 "$@"
+# Two workers, a test file each at a time (module fixtures and a file's order kept): most of the suite
+# waits on service start-ups, Ray polls and subprocesses, one core's worth of it at a time.
+# DROPE_TEST_WORKERS=0 runs in one process. Each tier's time and the 45-min ceiling: tests/fixtures/budget.py.
+workers="${DROPE_TEST_WORKERS:-2}"
+start=$(date +%s)
+.venv/bin/python -m pytest tests -n "$workers" --dist loadfile --durations=30 "$@"
 rc=$?
 set -e
+echo "tests/run.sh: pytest took $(( $(date +%s) - start )) s with $workers workers (exit $rc)"
 if [ "$rc" -eq 5 ]; then
   echo "tests/run.sh: pytest collected no tests: that is a failure" >&2
   exit 1
