@@ -22,9 +22,10 @@ from pathlib import Path
 import yaml
 
 from drope_ops import storage
-from drope_ops.errors import DropeError, SpecError
+from drope_ops.errors import DropeError, SpecError, one_line
 from workflows import stages
 from workflows.lease import LeaseLost, RunLease
+from workflows.ray_errors import raised
 from workflows.ledger import FAILED, KILLED, RUNNING, SUCCEEDED, Ledger, StageRecord, fingerprint
 from workflows.spec import WorkflowSpec, to_dict
 from workflows.stage import Stage, StageContext
@@ -122,13 +123,13 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: Run
         parent = tracker.start_parent(run_id, to_dict(spec), spec_yaml, run.get("parent_run_id", ""))
         _tidy_earlier_attempts(tracker, ledger, run_id, parent, stage_names(spec))
     except BaseException as e:
-        err = _unwrap(e)
+        err = raised(e)
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (Ray's handler exits)
         ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, tracking_uri=tracking_uri,
-                          status=KILLED if stopped else FAILED, error=_one_line(err))
+                          status=KILLED if stopped else FAILED, error=one_line(err))
         if stopped or isinstance(err, DropeError):
             raise err from None
-        raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {_one_line(err)}") from None
+        raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {one_line(err)}") from None
     run = ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, parent_run_id=parent,
                             status=RUNNING, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id, error="")
     ledger.write_spec(spec_yaml)
@@ -156,8 +157,8 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: Run
                 records[stage.role] = done
     except BaseException as e:
         status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
-        error = _one_line(_unwrap(e))
-        raise _unwrap(e) from None
+        error = one_line(raised(e))
+        raise raised(e) from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         if not lease.lost:  # the run and its parent MLflow run belong to the driver that took over
@@ -166,22 +167,12 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: Run
     return records
 
 
-def _one_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-
-
 def _tidy_earlier_attempts(tracker, ledger, run_id: str, parent: str, names: list[str]) -> None:
     """On resume: replay metrics buffered during a tracking outage, and close the MLflow runs an
     earlier attempt left RUNNING, in the status its ledger record says (KILLED when it says running)."""
     tracker.replay_buffered()
     statuses = {r.mlflow_run_id: r.status for r in ledger.records(names) if r.status in (FAILED, KILLED)}
     tracker.close_stale(run_id, parent, statuses)
-
-
-def _unwrap(e: BaseException) -> BaseException:
-    """The exception a Ray task raised, as itself (Ray wraps it in RayTaskError with .cause)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
 
 
 def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run_uri, parent) -> StageRecord:
@@ -204,8 +195,8 @@ def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run
         status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
         if status == KILLED:
             ray.cancel(task, force=True)
-        err = _unwrap(e)
-        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
+        err = raised(e)
+        msg = one_line(err)
         _close(ledger, tracker, rec, child, status, error=msg)
         print(f"[drope] {stage.name}: {status.upper()} after {time.time() - t0:.0f}s: {msg}", flush=True)
         raise
@@ -240,4 +231,4 @@ def _close(ledger, tracker, rec, child, status, **fields) -> None:
     try:  # the next successful call replays what the stage buffered during a tracking outage
         tracker.replay_buffered(patient=False)
     except Exception as e:
-        print(f"[drope] buffered metrics not replayed yet ({_one_line(e)}): `drope resume` replays them", flush=True)
+        print(f"[drope] buffered metrics not replayed yet ({one_line(e)}): `drope resume` replays them", flush=True)

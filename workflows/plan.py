@@ -23,7 +23,7 @@ from drope_ops.data import token_budget
 from drope_ops.errors import DropeError, SpecError
 from workflows.pipeline import stage_names
 from workflows.spec import Architecture, WorkflowSpec
-from workflows.stages.recalibrate import zero_name
+from workflows.recalibrate.config import zero_name
 
 GB = 1e9
 BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' default additional_buffer_factor

@@ -20,7 +20,7 @@ from workflows.stages.evaluate import EvalConfig
 from workflows.stages.fetch import ModelSpec
 from workflows.stages.fit_temperature import TemperatureConfig
 from workflows.stages.pretrain import PretrainSpec
-from workflows.stages.recalibrate import RecalibrateConfig
+from workflows.recalibrate.config import RecalibrateConfig
 
 
 @dataclass

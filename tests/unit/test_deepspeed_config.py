@@ -11,8 +11,9 @@ import torch
 from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
 
 from drope_ops.errors import SpecError
-from workflows.stages.recalibrate import (ZERO_DEFAULTS, RecalibrateConfig, _optimizer, check_zero_settings,
-                                         deepspeed_config)
+from drope_ops.training import adamw
+from workflows.recalibrate.config import RecalibrateConfig
+from workflows.recalibrate.engine import ZERO_DEFAULTS, check_zero_settings, deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -103,7 +104,7 @@ def test_misspelt_or_mistyped_zero_settings_named(settings, key):
 def test_no_zero_settings_checked_without_loading_deepspeed():
     """Nothing set: the section is drope's defaults, which test_stage_and_device_settings holds to DeepSpeed's
     schema, so the pre-flight check does not import DeepSpeed (~2.6 s in the stage process)."""
-    code = ("import sys; from workflows.stages.recalibrate import RecalibrateConfig, check_zero_settings; "
+    code = ("import sys; from workflows.recalibrate.config import RecalibrateConfig; from workflows.recalibrate.engine import check_zero_settings; "
             "check_zero_settings(RecalibrateConfig()); print('loaded', 'deepspeed' in sys.modules); "
             "check_zero_settings(RecalibrateConfig(zero_settings={'overlap_comm': True})); "
             "print('loaded', 'deepspeed' in sys.modules)")
@@ -119,7 +120,7 @@ def test_fused_optimizer_moves_weights_as_reference_adamw():
     ours_model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 4))
     theirs_model = copy.deepcopy(ours_model)
     cfg = RecalibrateConfig(lr=1e-2, weight_decay=0.1)
-    ours = _optimizer(ours_model, cfg)
+    ours = adamw(ours_model, cfg)
     assert ours.defaults["fused"] is True, "recalibrate's AdamW should take the fused path"
     params = list(theirs_model.parameters())
     theirs = torch.optim.AdamW([{"params": [p for p in params if p.ndim >= 2], "weight_decay": 0.1},
