@@ -34,7 +34,7 @@ WARMUP_DATA_FIELDS = ("seq_len", "copies", "copy_max_span")
 
 
 @dataclass
-class PretrainSpec:
+class PretrainConfig:
     """Optional stage 0 (the micro reproduction): train a small RoPE Llama from random init first."""
 
     enabled: bool = False
@@ -101,7 +101,7 @@ def _published(local_dir: str, ctx, name: str) -> str:
 
 
 def pretrain_stage(spec, ctx) -> dict:
-    # torch, transformers and DeepSpeed load when the stage runs, not when a spec (PretrainSpec) loads
+    # torch, transformers and DeepSpeed load when the stage runs, not when a spec (PretrainConfig) loads
     from drope_ops import debugmodel
     from workflows.recalibrate.launch import recalibrate
 
