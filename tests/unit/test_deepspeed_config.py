@@ -16,6 +16,8 @@ from workflows.recalibrate.config import RecalibrateConfig
 from workflows.recalibrate.engine import ZERO_DEFAULTS, check_zero_settings, deepspeed_config
 
 REPO = Path(__file__).resolve().parents[2]
+GPU_ZERO = {"overlap_comm": True, "contiguous_gradients": True, "reduce_bucket_size": 200_000_000,
+            "allgather_bucket_size": 200_000_000}
 
 
 @pytest.mark.parametrize("use_gpu", [False, True])
@@ -24,11 +26,16 @@ def test_stage_and_device_settings(use_gpu, stage):
     ds = deepspeed_config(RecalibrateConfig(zero_stage=stage, use_gpu=use_gpu), world_size=2)
     zero = ds["zero_optimization"]
     assert zero["stage"] == stage, "the user's ZeRO stage must reach DeepSpeed unchanged"
-    device = ZERO_DEFAULTS["gpu" if use_gpu else "cpu"]
-    assert {k: zero[k] for k in device} == device, "the per-device ZeRO defaults are missing from the config"
+    # written out here, not read from ZERO_DEFAULTS: the test holds the settings README and the
+    # benchmarks measured (GPU: HF's / Lightning's; CPU: DeepSpeed's own defaults, no key set)
+    device = GPU_ZERO if use_gpu else {}
+    assert {k: v for k, v in zero.items() if k != "stage"} == device, "the per-device ZeRO settings differ"
+    assert ZERO_DEFAULTS == {"cpu": {}, "gpu": GPU_ZERO}
     assert ds["bf16"]["enabled"] is use_gpu, "bf16 on GPU only (gloo has no bf16 reduce, fp32 resumes exactly)"
     parsed = DeepSpeedZeroConfig(**zero)  # raises on a key DeepSpeed does not know
-    assert parsed.stage == stage and parsed.overlap_comm == zero.get("overlap_comm", parsed.overlap_comm)
+    # GPU: overlap_comm on at every stage; CPU: DeepSpeed's default, on for ZeRO-3 only
+    assert parsed.stage == stage and parsed.overlap_comm is (use_gpu or stage == 3)
+    assert parsed.reduce_bucket_size == (200_000_000 if use_gpu else 500_000_000)
 
 
 def test_zero_off_on_cpu_clips_in_drope_not_deepspeed():

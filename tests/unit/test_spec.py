@@ -20,6 +20,9 @@ def test_every_preset_loads():
         spec = load_spec(name)
         assert spec.name == name
         assert all(f > 1 for f in spec.fit_temperature.extension_factors)
+        # the spec refuses target lengths not beyond the training length, in every preset
+        with pytest.raises(SpecError, match=r"fit_temperature\.extension_factors.*(> 1|must exceed)"):
+            load_spec(name, ["fit_temperature.extension_factors=[1, 2]"])
 
 
 def test_loading_a_spec_imports_no_torch():
