@@ -117,7 +117,8 @@ def main() -> int:
 
     from drope_ops.data import DataConfig
     from drope_ops.debugmodel import make_debug_checkpoint
-    from workflows.stages.recalibrate import RecalibrateConfig, recalibrate
+    from workflows.recalibrate.config import RecalibrateConfig
+    from workflows.recalibrate.launch import recalibrate
 
     tmp = tempfile.mkdtemp(prefix="bench-raycpu-")
     ckpt = str(make_debug_checkpoint(f"{tmp}/ckpt", hidden_size=args.hidden, intermediate_size=4 * args.hidden,

@@ -36,11 +36,11 @@ def bare_loop(ckpt, blocks, cfg, threads: int) -> list[float]:
     """Per-step seconds of a plain torch loop: same model, optimizer, schedule and batch."""
     from transformers import AutoModelForCausalLM
 
-    from workflows.stages.recalibrate import _optimizer, lr_at
+    from drope_ops.training import adamw, lr_at
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
-    opt = _optimizer(model, cfg)
+    opt = adamw(model, cfg)
     times = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def ray_recalibrate(ckpt, data, cfg, tmp: str, tokens: int) -> tuple[list[dict],
     """drope's recalibration on a fresh local Ray: (per-step metrics, wall of ray.init + recalibrate())."""
     import ray
 
-    from workflows.stages.recalibrate import recalibrate
+    from workflows.recalibrate.launch import recalibrate
 
     t0 = time.perf_counter()
     ray.init(num_cpus=cfg.num_workers * 2, include_dashboard=False, address="local", log_to_driver=False)
@@ -107,7 +107,7 @@ def main() -> None:
 
     from drope_ops.data import DataConfig, load_blocks
     from drope_ops.debugmodel import byte_level_tokenizer, make_debug_checkpoint
-    from workflows.stages.recalibrate import RecalibrateConfig
+    from workflows.recalibrate.config import RecalibrateConfig
 
     tmp = tempfile.mkdtemp(prefix="bench-recal-")
     ckpt = str(make_debug_checkpoint(f"{tmp}/ckpt", hidden_size=args.hidden, intermediate_size=4 * args.hidden,

@@ -43,7 +43,7 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def bench_config(args, zero_stage: int = 2):
-    from workflows.stages.recalibrate import RecalibrateConfig
+    from workflows.recalibrate.config import RecalibrateConfig
 
     return RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
                              num_workers=args.workers, zero_stage=zero_stage, checkpoint_every=args.steps,
@@ -61,13 +61,13 @@ def ddp_worker(args) -> list[float]:
     from torch.nn.parallel import DistributedDataParallel
     from transformers import AutoModelForCausalLM
 
-    from workflows.stages.recalibrate import _optimizer, lr_at
+    from drope_ops.training import adamw, lr_at
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg, blocks = bench_config(args), torch.load(args.blocks)
     model = AutoModelForCausalLM.from_pretrained(args.ckpt, dtype=torch.float32)
-    ddp, opt = DistributedDataParallel(model), _optimizer(model, cfg)
+    ddp, opt = DistributedDataParallel(model), adamw(model, cfg)
     times = []
     for step in range(cfg.steps):
         t0 = time.perf_counter()
@@ -91,7 +91,7 @@ def hf_worker(args) -> list[float]:
     """transformers Trainer on this torchrun rank; per-step times from a callback."""
     from transformers import AutoModelForCausalLM, Trainer, TrainerCallback, TrainingArguments
 
-    from workflows.stages.recalibrate import deepspeed_config
+    from workflows.recalibrate.engine import deepspeed_config
 
     class StepClock(TrainerCallback):
         def __init__(self):
@@ -180,7 +180,7 @@ def main() -> None:
 
 def compare(args) -> None:
     """Every way of training, two passes, then the table and the ratios."""
-    from workflows.stages.recalibrate import zero_name
+    from workflows.recalibrate.config import zero_name
     from drope_ops.data import DataConfig, load_blocks
     from drope_ops.debugmodel import byte_level_tokenizer, make_debug_checkpoint
     from recalibrate_step_time import bare_loop, ray_recalibrate
@@ -221,7 +221,7 @@ def two_passes(launch: dict) -> dict:
 
 
 def report(args, runs: dict, tokens: int, hf_name: str) -> None:
-    from workflows.stages.recalibrate import zero_name
+    from workflows.recalibrate.config import zero_name
 
     steady = {name: [t for times, _ in passes for t in times[args.skip:]] for name, passes in runs.items()}
     med = {name: statistics.median(t) for name, t in steady.items()}

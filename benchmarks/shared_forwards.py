@@ -117,7 +117,7 @@ def part_probe(run: Path) -> None:
     from transformers import AutoModelForCausalLM
 
     import drope_ops  # noqa: F401
-    from workflows.stages.recalibrate import PROBE_TOKENS
+    from workflows.recalibrate.checkpoint import PROBE_TOKENS
 
     torch.set_num_threads(1)
     model = AutoModelForCausalLM.from_pretrained(stage_output(run, "recalibrate"), dtype=torch.float32).eval()

@@ -65,7 +65,7 @@ def make_checkpoint(root: Path, args) -> Path:
 
 
 def _config(args):
-    from workflows.stages.recalibrate import RecalibrateConfig
+    from workflows.recalibrate.config import RecalibrateConfig
 
     return RecalibrateConfig(steps=args.steps, global_batch=2, micro_batch=1, num_workers=2, zero_stage=3,
                              warmup_steps=0, output_shard_mb=args.shard_mb, loss_spike_factor=None)
@@ -80,7 +80,9 @@ def build_today(cfg, data, ckpt, seq_len, rank, world):
     import drope_ops  # noqa: F401
     from drope_ops.data import make_sampler
     from drope_ops.hardware import use_cpus
-    from workflows.stages.recalibrate import Trainee, _optimizer, deepspeed_config
+    from drope_ops.training import adamw
+    from workflows.recalibrate.engine import deepspeed_config
+    from workflows.recalibrate.loop import Trainee
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     use_cpus(cfg.cpus_per_worker)
@@ -89,7 +91,7 @@ def build_today(cfg, data, ckpt, seq_len, rank, world):
     model = AutoModelForCausalLM.from_pretrained(ckpt, dtype=torch.float32)
     model.config.use_cache = False
     sampler = make_sampler(data, tokenizer, seq_len, global_batch=cfg.global_batch, rank=rank, world=world)
-    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=_optimizer(model, cfg),
+    engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=adamw(model, cfg),
                                                    config=deepspeed_config(cfg, world))
     return Trainee(engine, optimizer, sampler, rank, world, ckpt_dir=str(ckpt), tokenizer=tokenizer)
 
@@ -101,8 +103,8 @@ def load_alone(route, cfg, ckpt):
     from transformers import AutoModelForCausalLM
 
     import drope_ops  # noqa: F401
-    from workflows.stages.recalibrate import deepspeed_config
-    from workflows.zero_weights import load_model
+    from workflows.recalibrate.engine import deepspeed_config
+    from workflows.recalibrate.weights import load_model
 
     if route == "new":
         return load_model(ckpt, deepspeed_config(cfg, 2), torch.float32)
@@ -127,7 +129,9 @@ def worker(route, rank, port, ckpt, out, args, phase, result_file):
                       LOCAL_RANK=str(rank))
     torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
     from drope_ops.data import DataConfig
-    from workflows.stages.recalibrate import DS_TAG, build, finish, train_step
+    from workflows.recalibrate.checkpoint import DS_TAG
+    from workflows.recalibrate.loop import build, train_step
+    from workflows.recalibrate.weights import write_final
 
     cfg, data = _config(args), DataConfig(source="shakespeare", seq_len=args.seq, max_tokens=200_000)
     torch.distributed.barrier()
@@ -150,7 +154,7 @@ def worker(route, rank, port, ckpt, out, args, phase, result_file):
     torch.distributed.barrier()
     phase.value = PHASES.index("write")
     if route == "new":
-        finish(t, cfg, str(out))
+        write_final(t, cfg, str(out))
     else:  # every rank writes its DeepSpeed checkpoint (optimizer states included)
         t.engine.save_checkpoint(str(out), tag=DS_TAG)
     torch.distributed.barrier()
@@ -161,7 +165,7 @@ def worker(route, rank, port, ckpt, out, args, phase, result_file):
 
 def consolidate_today(ds_dir, ckpt, out, phase):
     """The driver's end of today's route: zero_to_fp32 over the whole downloaded checkpoint."""
-    from workflows.zero_weights import consolidate
+    from workflows.recalibrate.weights import consolidate
 
     phase.value = PHASES.index("write")
     consolidate(str(ds_dir), str(ckpt), str(out))

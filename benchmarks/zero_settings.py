@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/zero_settings.py --hidden 512 --layers 6 --seq 512 --steps 5
 
 One torchrun job of --workers CPU processes (gloo, 1 thread each, as drope places its Ray Train
-workers) builds drope's own DeepSpeed engine (workflows/stages/recalibrate.build, so deepspeed_config
+workers) builds drope's own DeepSpeed engine (workflows/recalibrate/loop.build, so deepspeed_config
 and train_step are the ones a run uses) once per setting and times train_step. The table gives each
 setting's median step time (after --skip warm-up steps), its ratio to the first row (DeepSpeed's own
 defaults; paired: every step runs all settings back to back) and to a bare single-process loop (same
@@ -56,7 +56,7 @@ SETTINGS = [  # (name, ZeRO stage, zero_optimization keys)
 
 
 def bench_config(args, stage: int, zero: dict):
-    from workflows.stages.recalibrate import RecalibrateConfig
+    from workflows.recalibrate.config import RecalibrateConfig
 
     return RecalibrateConfig(steps=args.steps, global_batch=args.global_batch, micro_batch=args.micro_batch,
                              num_workers=args.workers, zero_stage=stage, zero_settings=dict(zero), lr=1e-3,
@@ -66,19 +66,19 @@ def bench_config(args, stage: int, zero: dict):
 def build_engine(name: str, cfg, data, args, rank: int, world: int):
     """drope's build; the first ZeRO off row keeps DeepSpeed's own all-reduce (drope's before it
     handed the all-reduce to DDP's reducer)."""
-    from workflows.stages import recalibrate
+    from workflows.recalibrate import engine, loop
 
     if cfg.zero_stage != 0 or name == ZERO_OFF_DDP:
-        return recalibrate.build(cfg, data, args.ckpt, args.seq, rank, world)
-    with mock.patch.object(recalibrate, "reduce_in_backward", lambda engine, zero_stage: False):
-        return recalibrate.build(cfg, data, args.ckpt, args.seq, rank, world)
+        return loop.build(cfg, data, args.ckpt, args.seq, rank, world)
+    with mock.patch.object(engine, "reduce_in_backward", lambda engine, zero_stage: False):
+        return loop.build(cfg, data, args.ckpt, args.seq, rank, world)
 
 
 def worker(args) -> None:
     """One rank under torchrun: an engine per setting, side by side; each step runs every setting in turn,
     so a change of load on the box hits all settings alike (the ratios between rows are paired)."""
     from drope_ops.data import DataConfig
-    from workflows.stages.recalibrate import train_step
+    from workflows.recalibrate.loop import train_step
 
     torch.distributed.init_process_group("gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()

@@ -24,3 +24,11 @@ class StorageError(DropeError):
 
 class SpecError(DropeError):
     """A workflow or stage spec field is invalid."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The line of an exception a user reads in a ledger record, a log or a FAILED run: its message's
+    last non-empty line (an error that crossed a process as traceback text ends with its message), or
+    the exception's type when it has no message."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

@@ -23,11 +23,12 @@ import platform
 import time
 import typing
 from pathlib import Path
-from typing import Callable, Literal
-
-import torch
+from typing import TYPE_CHECKING, Callable, Literal
 
 from drope_ops.errors import SpecError
+
+if TYPE_CHECKING:
+    import torch
 
 Dtype = Literal["auto", "float32", "bfloat16"]
 """A compute dtype as a spec names it: auto (chosen for the node), float32 or bfloat16."""
@@ -100,6 +101,8 @@ def _best_ms(dtype: torch.dtype, shapes: tuple[int, int, int], device: str, repe
     """(best time in ms, timed products): one warm-up, then up to `repeats` timed products; stops at the
     first product (the warm-up included) slower than `give_up_ms`, returning that time (0 timed: the
     warm-up's)."""
+    import torch
+
     m, k, n = shapes
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(m, k, generator=gen).to(device=device, dtype=dtype)
@@ -125,7 +128,7 @@ def _best_ms(dtype: torch.dtype, shapes: tuple[int, int, int], device: str, repe
 
 def dtype_probe(shapes: tuple[int, int, int] | None = None, device: str | None = None, *,
                 repeats: int = 5, timer: Callable[[], float] = time.perf_counter,
-                matmul: Callable = torch.matmul) -> dict:
+                matmul: Callable | None = None) -> dict:
     """The dtype "auto" picks on this node, with the facts it picked on.
 
     Times `tokens x hidden @ hidden x ffn` (`shapes`, default DEFAULT_SHAPES) in fp32 and bf16 on
@@ -134,8 +137,12 @@ def dtype_probe(shapes: tuple[int, int, int] | None = None, device: str | None =
     Returns {choice, fp32_ms, bf16_ms, bf16_runs (timed bf16 products), ratio (bf16/fp32), source
     ("measured", "cache file" or "cuda": no probe), device, threads, shapes, cpu, torch, key}.
     Cached per process and in $DROPE_CACHE/dtype-probe.json under `key`. `timer` and `matmul` are
-    there to be injected by tests; results are cached under the same key whoever measured them.
+    there to be injected by tests (matmul default: torch.matmul); results are cached under the same key
+    whoever measured them. torch is imported here, not with the module: a spec names a dtype without it.
     """
+    import torch
+
+    matmul = matmul or torch.matmul
     shapes = tuple(int(x) for x in (shapes or DEFAULT_SHAPES))
     if len(shapes) != 3 or min(shapes) < 1:
         raise ValueError(f"shapes={shapes!r}: want (tokens, hidden, ffn), all positive")
@@ -182,6 +189,8 @@ def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
     Prints the probe's one line the first time a process resolves "auto"."""
     if name not in DTYPE_CHOICES:
         raise SpecError(f"{field}={name!r}: choose one of {', '.join(DTYPE_CHOICES)}")
+    import torch
+
     if name == "auto":
         probe = dtype_probe()
         tag = probe["key"] or probe["device"]
@@ -195,6 +204,8 @@ def resolve_dtype(name: str, field: str = "dtype") -> torch.dtype:
 def use_cpus(cpus: float) -> None:
     """Let torch use a task's CPU share: Ray reuses worker processes across tasks of different sizes,
     so the thread count a worker started with is not the one this task was given."""
+    import torch
+
     torch.set_num_threads(max(1, int(cpus)))
 
 

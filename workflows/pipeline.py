@@ -16,18 +16,19 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import time
 from pathlib import Path
 
 import yaml
 
 from drope_ops import storage
-from drope_ops.errors import DropeError, SpecError
+from drope_ops.errors import DropeError, SpecError, one_line
 from workflows import stages
+from workflows.attempt import RunBooks, StageAttempt
 from workflows.lease import LeaseLost, RunLease
+from workflows.ray_errors import raised
 from workflows.ledger import FAILED, KILLED, RUNNING, SUCCEEDED, Ledger, StageRecord, fingerprint
 from workflows.spec import WorkflowSpec, to_dict
-from workflows.stage import Stage, StageContext
+from workflows.stage import Stage
 from workflows.tracking import Tracker, check_reachable, resolve_tracking_uri
 
 log = logging.getLogger("drope.pipeline")
@@ -49,6 +50,20 @@ def stage_spec(spec: WorkflowSpec, stage: str) -> dict:
         for key in section.split("."):
             node = node[key]
         out[section] = node
+    return out
+
+
+def chain(spec: WorkflowSpec) -> list[tuple[Stage, dict, str]]:
+    """The stages this spec runs, in order, each with its spec sections and its fingerprint: its own
+    sections and its inputs' fingerprints, so a changed section invalidates that stage and everything
+    downstream of it, nothing upstream (what resume compares with the ledger)."""
+    out, fps = [], {}
+    for stage in stages.enabled(spec):
+        params = stage_spec(spec, stage.name)
+        fps[stage.name] = fingerprint(stage.name, params, [fps[name] for name in stage.inputs])
+        if stage.role:
+            fps[stage.role] = fps[stage.name]
+        out.append((stage, params, fps[stage.name]))
     return out
 
 
@@ -122,16 +137,17 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: Run
         parent = tracker.start_parent(run_id, to_dict(spec), spec_yaml, run.get("parent_run_id", ""))
         _tidy_earlier_attempts(tracker, ledger, run_id, parent, stage_names(spec))
     except BaseException as e:
-        err = _unwrap(e)
+        err = raised(e)
         stopped = isinstance(e, (KeyboardInterrupt, SystemExit))  # Ctrl-C, SIGTERM (Ray's handler exits)
         ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, tracking_uri=tracking_uri,
-                          status=KILLED if stopped else FAILED, error=_one_line(err))
+                          status=KILLED if stopped else FAILED, error=one_line(err))
         if stopped or isinstance(err, DropeError):
             raise err from None
-        raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {_one_line(err)}") from None
+        raise DropeError(f"run {run_id} could not start: {type(err).__name__}: {one_line(err)}") from None
     run = ledger.update_run(run_id=run_id, name=spec.name, attempts=attempts, parent_run_id=parent,
                             status=RUNNING, tracking_uri=tracking_uri, experiment_id=tracker.experiment_id, error="")
     ledger.write_spec(spec_yaml)
+    books = RunBooks(spec, run_id, run_uri, ledger, tracker, parent)
 
     def on_sigterm(signum, frame):
         raise Terminated(f"signal {signum}")
@@ -142,32 +158,27 @@ def _drive(spec: WorkflowSpec, run_id: str, run_uri: str, home: Path, lease: Run
     try:
         # refused with the run and its MLflow parent marked FAILED, before any stage ran
         check_cluster_reach(spec, run_uri, tracking_uri, _alive_nodes(ray))
-        for stage in stages.enabled(spec):
+        for stage, params, fp in chain(spec):
             inputs = {name: records[name] for name in stage.inputs}
-            fp = fingerprint(stage.name, stage_spec(spec, stage.name), [r.fingerprint for r in inputs.values()])
             done = ledger.should_skip(stage.name, fp)
             if done is not None:
                 log.info("[%s] already succeeded with this fingerprint: skipped (output %s)", stage.name, done.output)
                 print(f"[drope] {stage.name}: skipped, done in an earlier attempt ({done.output})", flush=True)
             else:
-                done = _run_stage(ray, spec, stage, fp, inputs, ledger, tracker, run_id, run_uri, parent)
+                done = _run_stage(ray, books, stage, inputs, params, fp)
             records[stage.name] = done
             if stage.role:
                 records[stage.role] = done
     except BaseException as e:
         status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
-        error = _one_line(_unwrap(e))
-        raise _unwrap(e) from None
+        error = one_line(raised(e))
+        raise raised(e) from None
     finally:
         signal.signal(signal.SIGTERM, old_handler)
         if not lease.lost:  # the run and its parent MLflow run belong to the driver that took over
             ledger.update_run(status=status, error=error)
             tracker.end_run(parent, status)
     return records
-
-
-def _one_line(e: BaseException) -> str:
-    return str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
 
 
 def _tidy_earlier_attempts(tracker, ledger, run_id: str, parent: str, names: list[str]) -> None:
@@ -178,66 +189,17 @@ def _tidy_earlier_attempts(tracker, ledger, run_id: str, parent: str, names: lis
     tracker.close_stale(run_id, parent, statuses)
 
 
-def _unwrap(e: BaseException) -> BaseException:
-    """The exception a Ray task raised, as itself (Ray wraps it in RayTaskError with .cause)."""
-    cause = getattr(e, "cause", None)
-    return cause if isinstance(cause, BaseException) else e
-
-
-def _run_stage(ray, spec, stage: Stage, fp, inputs, ledger, tracker, run_id, run_uri, parent) -> StageRecord:
-    """Start the stage's ledger record and MLflow run, run it as a Ray task, close both the same way."""
-    params = stage_spec(spec, stage.name)
-    child = tracker.start_stage(parent, run_id, stage.name, ledger.get(stage.name).attempts + 1, params)
-    rec = ledger.start(stage.name, fp, child)
-    out_uri = storage.join(run_uri, "stages", stage.name, fp[:12])
-    print(f"[drope] {stage.name}: running (attempt {rec.attempts}) -> {out_uri}", flush=True)
-    t0 = time.time()
-    ctx = StageContext(run_id=run_id, run_uri=run_uri, fingerprint=fp, output=out_uri,
-                       sink=tracker.sink(child),
-                       inputs={k: v.output for k, v in inputs.items()},
-                       input_results={k: v.result for k, v in inputs.items()},
-                       input_models={k: v.model_id for k, v in inputs.items()})
-    task = ray.remote(num_cpus=0, max_retries=0)(stage.run).remote(spec, ctx)
+def _run_stage(ray, books: RunBooks, stage: Stage, inputs: dict, params: dict, fp: str) -> StageRecord:
+    """Start the stage's attempt (ledger record + MLflow run), run it as a Ray task, record how it ended."""
+    attempt = StageAttempt.start(books, stage, inputs, params, fp)
+    task = ray.remote(num_cpus=0, max_retries=0)(stage.run).remote(books.spec, attempt.context())
     try:
         result = ray.get(task)
-    except BaseException as e:
-        status = KILLED if isinstance(e, KeyboardInterrupt) else FAILED
-        if status == KILLED:
-            ray.cancel(task, force=True)
-        err = _unwrap(e)
-        msg = str(err).strip().splitlines()[-1] if str(err).strip() else type(err).__name__
-        _close(ledger, tracker, rec, child, status, error=msg)
-        print(f"[drope] {stage.name}: {status.upper()} after {time.time() - t0:.0f}s: {msg}", flush=True)
+    except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+        ray.cancel(task, force=True)
+        attempt.killed(e)
         raise
-    model_id = _register_outputs(spec, stage, tracker, child, out_uri, fp, inputs, run_id)
-    tracker.log_metrics(child, {k: v for k, v in result.items() if isinstance(v, (int, float))})
-    tracker.log_metrics(parent, result.get("headline") or {})  # columns of the runs list
-    _close(ledger, tracker, rec, child, SUCCEEDED, output=out_uri, result=result, model_id=model_id)
-    print(f"[drope] {stage.name}: succeeded in {time.time() - t0:.0f}s", flush=True)
-    return ledger.get(stage.name)
-
-
-def _register_outputs(spec, stage: Stage, tracker, child, out_uri, fp, inputs, run_id) -> str:
-    """The stage's checkpoint as an MLflow LoggedModel (lineage to its parent model) and the dataset it
-    read; returns the model id ('' for a stage that writes no model)."""
-    if stage.dataset_context:
-        tracker.log_dataset(child, spec.data.source, spec.data.source, fp, stage.dataset_context)
-    if not stage.logged_model:
-        return ""
-    parent_model = next((r.model_id for r in inputs.values() if r.model_id), "")
-    return tracker.register_checkpoint(
-        child, stage.logged_model, out_uri, fingerprint=fp, parent_model_id=parent_model,
-        data=spec.data.source if stage.dataset_context else "", extra={"stage": stage.name, "run_id": run_id})
-
-
-def _close(ledger, tracker, rec, child, status, **fields) -> None:
-    """The ledger record and the stage's MLflow run end together, in the same status (the MLflow run
-    also when the ledger refuses the write: this driver lost the run's lease)."""
-    try:
-        ledger.finish(rec, status, **fields)
-    finally:
-        tracker.end_run(child, status, error=fields.get("error", ""))
-    try:  # the next successful call replays what the stage buffered during a tracking outage
-        tracker.replay_buffered(patient=False)
-    except Exception as e:
-        print(f"[drope] buffered metrics not replayed yet ({_one_line(e)}): `drope resume` replays them", flush=True)
+    except BaseException as e:
+        attempt.fail(raised(e))
+        raise
+    return attempt.succeed(result)

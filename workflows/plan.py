@@ -22,8 +22,8 @@ from pathlib import Path
 from drope_ops.data import token_budget
 from drope_ops.errors import DropeError, SpecError
 from workflows.pipeline import stage_names
-from workflows.spec import Architecture, WorkflowSpec
-from workflows.stages.recalibrate import zero_name
+from workflows.spec import ArchitectureConfig, WorkflowSpec
+from workflows.recalibrate.config import zero_name
 
 GB = 1e9
 BUFFER_FACTOR = 1.5  # DeepSpeed's estimators' default additional_buffer_factor
@@ -37,7 +37,7 @@ def _count(n: float) -> str:
     return str(int(n))
 
 
-def architecture(spec: WorkflowSpec) -> Architecture | None:
+def architecture(spec: WorkflowSpec) -> ArchitectureConfig | None:
     """plan.architecture, else the base checkpoint's config.json when model.source is a directory."""
     if spec.plan.architecture.known:
         return spec.plan.architecture
@@ -45,10 +45,10 @@ def architecture(spec: WorkflowSpec) -> Architecture | None:
     if not spec.model.source or "://" in spec.model.source or not config.is_file():
         return None
     c = json.loads(config.read_text())
-    return Architecture(**{k: c[k] for k in Architecture.__dataclass_fields__ if k in c})
+    return ArchitectureConfig(**{k: c[k] for k in ArchitectureConfig.__dataclass_fields__ if k in c})
 
 
-def parameters(a: Architecture) -> int:
+def parameters(a: ArchitectureConfig) -> int:
     """Llama-family parameter count from the shape (embeddings, attention, SwiGLU MLP, norms, head)."""
     h, f, L, V = a.hidden_size, a.intermediate_size, a.num_hidden_layers, a.vocab_size
     kv = h * a.num_key_value_heads // max(1, a.num_attention_heads)
@@ -96,7 +96,7 @@ def model_states(spec: WorkflowSpec, n: int, largest_layer: int, gpus: int) -> t
     return gpu, cpu
 
 
-def activations(a: Architecture, micro_batch: int, seq: int, checkpointing: bool) -> float:
+def activations(a: ArchitectureConfig, micro_batch: int, seq: int, checkpointing: bool) -> float:
     """bf16 activations one GPU keeps for backward (see the module docstring)."""
     b, s, h, f, L = micro_batch, seq, a.hidden_size, a.intermediate_size, a.num_hidden_layers
     layer = s * b * (16 * h + 8 * f)
@@ -106,7 +106,7 @@ def activations(a: Architecture, micro_batch: int, seq: int, checkpointing: bool
     return L * layer + logits
 
 
-def memory(spec: WorkflowSpec, a: Architecture, gpus: int, seq: int) -> Memory:
+def memory(spec: WorkflowSpec, a: ArchitectureConfig, gpus: int, seq: int) -> Memory:
     r, n = spec.recalibrate, spec.model.parameters or parameters(a)
     largest_layer = max(a.vocab_size * a.hidden_size, a.hidden_size * a.intermediate_size)
     states, host_states = model_states(spec, n, largest_layer, gpus)
@@ -178,12 +178,12 @@ def describe(spec: WorkflowSpec) -> str:
     return "\n".join(lines)
 
 
-def forward_flops(n: int, a: Architecture, length: int) -> float:
+def forward_flops(n: int, a: ArchitectureConfig, length: int) -> float:
     """One causal forward pass over `length` tokens: 2N a token plus attention 2 L d length^2."""
     return 2 * n * length + 2 * a.num_hidden_layers * a.hidden_size * length ** 2
 
 
-def _cost_lines(spec: WorkflowSpec, a: Architecture, seq: int, tokens: int) -> list[str]:
+def _cost_lines(spec: WorkflowSpec, a: ArchitectureConfig, seq: int, tokens: int) -> list[str]:
     r, p, n = spec.recalibrate, spec.plan, spec.model.parameters or parameters(a)
     attention = 6 * a.num_hidden_layers * seq * a.hidden_size  # causal, forward + backward, a token
     per_token = 6 * n + attention
@@ -203,7 +203,7 @@ def _cost_lines(spec: WorkflowSpec, a: Architecture, seq: int, tokens: int) -> l
             f"fit {hours(fit):.2f}, evaluate {hours(evaluation):.2f}"]
 
 
-def _memory_lines(spec: WorkflowSpec, a: Architecture, seq: int) -> list[str]:
+def _memory_lines(spec: WorkflowSpec, a: ArchitectureConfig, seq: int) -> list[str]:
     r, p, gpus = spec.recalibrate, spec.plan, gpus_of(spec)
     m = memory(spec, a, gpus, seq)
     on, off = (m.activations, m.activations_other) if r.activation_checkpointing else (m.activations_other, m.activations)

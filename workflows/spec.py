@@ -3,9 +3,10 @@
     spec = load_spec("smollm2-135m-cpu", overrides=["recalibrate.steps=4", "evaluate.samples_per_cell=2"])
 
 Every section is a dataclass with a docstring per field and validation in __post_init__ that names the
-field and the fix. Stage sections come from the stage modules that own them (ModelSpec in fetch,
-PretrainSpec, DropRopeSpec, RecalibrateConfig, TemperatureConfig, EvalConfig), the data section from
-drope_ops.data; this file joins them. Loading YAML and --set lives in workflows/config.py.
+field and the fix. Stage sections come from the stage modules that own them (ModelConfig in fetch,
+PretrainConfig, DropRopeConfig, RecalibrateConfig, TemperatureConfig, EvalConfig), the data section from
+drope_ops.data; this file joins them. The naming rule: a section's dataclass is `<Section>Config`
+(RecalibrateConfig, StorageConfig, ...); `WorkflowSpec` is the whole spec they make up. Loading YAML and --set lives in workflows/config.py.
 """
 
 from __future__ import annotations
@@ -15,16 +16,16 @@ from dataclasses import dataclass, field
 from drope_ops.data import DataConfig
 from drope_ops.errors import SpecError
 from workflows.config import PRESETS_DIR, apply_overrides, from_dict, load_tree, load_yaml, preset_names, to_dict  # noqa: F401
-from workflows.stages.drop_rope import DropRopeSpec
+from workflows.stages.drop_rope import DropRopeConfig
 from workflows.stages.evaluate import EvalConfig
-from workflows.stages.fetch import ModelSpec
+from workflows.stages.fetch import ModelConfig
 from workflows.stages.fit_temperature import TemperatureConfig
-from workflows.stages.pretrain import PretrainSpec
-from workflows.stages.recalibrate import RecalibrateConfig
+from workflows.stages.pretrain import PretrainConfig
+from workflows.recalibrate.config import RecalibrateConfig
 
 
 @dataclass
-class StorageSpec:
+class StorageConfig:
     root: str = ""
     """Where runs live: a local directory or s3://BUCKET/PREFIX shared by all nodes ('' = $DROPE_HOME/runs)."""
     shared_filesystem: bool = False
@@ -43,7 +44,7 @@ TRACKING_SCHEMES = ("http", "https", "file", "sqlite", "postgresql", "mysql", "m
 
 
 @dataclass
-class TrackingSpec:
+class TrackingConfig:
     uri: str = ""
     """MLflow tracking URI ('' = $MLFLOW_TRACKING_URI, else a sqlite file under $DROPE_HOME)."""
     experiment: str = ""
@@ -57,7 +58,7 @@ class TrackingSpec:
 
 
 @dataclass
-class RaySpec:
+class RayConfig:
     address: str = ""
     """Ray cluster to join from the driver: HOST:PORT of its head's GCS (6379), ray://HOST:PORT or auto
     ('' = inside a Ray job: its cluster; else a local one)."""
@@ -76,7 +77,7 @@ class RaySpec:
 
 
 @dataclass
-class Architecture:
+class ArchitectureConfig:
     """The base model's shape, in its config.json names (for `drope plan`'s FLOPs and memory)."""
 
     hidden_size: int = 0
@@ -99,7 +100,7 @@ class Architecture:
 
 
 @dataclass
-class PlanSpec:
+class PlanConfig:
     """What `drope plan` assumes about the hardware, and the model's shape when it cannot read it."""
 
     gpu_memory_gb: float = 80.0
@@ -112,7 +113,7 @@ class PlanSpec:
     """Dense bf16 peak of one GPU, TFLOP/s (H100 SXM: 989)."""
     mfu: float = 0.35
     """Share of the peak a step achieves, counting recomputed FLOPs (GPU-hours = FLOPs / (peak * mfu))."""
-    architecture: Architecture = field(default_factory=Architecture)
+    architecture: ArchitectureConfig = field(default_factory=ArchitectureConfig)
     """The base model's shape; unset (zeros): read from model.source's config.json when it is on disk."""
 
     def __post_init__(self):
@@ -126,11 +127,11 @@ class PlanSpec:
 class WorkflowSpec:
     name: str = ""
     """Run family name: the MLflow experiment and the prefix of run ids (e.g. smollm2-135m-cpu)."""
-    model: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelConfig = field(default_factory=ModelConfig)
     """The base checkpoint."""
-    pretrain: PretrainSpec = field(default_factory=PretrainSpec)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     """Optional from-scratch RoPE pretraining before DroPE (micro reproduction)."""
-    drop_rope: DropRopeSpec = field(default_factory=DropRopeSpec)
+    drop_rope: DropRopeConfig = field(default_factory=DropRopeConfig)
     """How RoPE is dropped and QK-norm inserted."""
     data: DataConfig = field(default_factory=DataConfig)
     """Text for recalibration, temperature fitting and perplexity."""
@@ -140,13 +141,13 @@ class WorkflowSpec:
     """Softmax temperature (logit scale) fitting for longer contexts."""
     evaluate: EvalConfig = field(default_factory=EvalConfig)
     """Long-context evaluation against RoPE-scaling baselines."""
-    storage: StorageSpec = field(default_factory=StorageSpec)
+    storage: StorageConfig = field(default_factory=StorageConfig)
     """Where stage outputs and the ledger live."""
-    tracking: TrackingSpec = field(default_factory=TrackingSpec)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     """MLflow."""
-    ray: RaySpec = field(default_factory=RaySpec)
+    ray: RayConfig = field(default_factory=RayConfig)
     """Ray cluster."""
-    plan: PlanSpec = field(default_factory=PlanSpec)
+    plan: PlanConfig = field(default_factory=PlanConfig)
     """`drope plan`'s hardware assumptions (GPU memory, MFU) and the model's shape."""
 
     def __post_init__(self):

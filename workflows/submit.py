@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from drope_ops.errors import DropeError
+from drope_ops.errors import DropeError, one_line
 from workflows.ledger import Ledger
 from workflows.runs import remember
 
@@ -71,7 +71,7 @@ def _check_gcs(address: str, target: str, wait_s: float, fix: str) -> None:
         try:
             GcsClient(address=target)
         except Exception as e:
-            failure.append(str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+            failure.append(one_line(e))
 
     thread = threading.Thread(target=probe, name="drope-gcs-probe", daemon=True)
     thread.start()

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 
 from drope_ops.errors import SpecError
 from drope_ops.hardware import run_with_cpus
+from workflows.ray_errors import raised
 
 RESOURCE_WAIT_S = 60.0
 """How long a request the cluster cannot place yet may wait for nodes (an autoscaler adding them);
@@ -121,7 +122,7 @@ def run_units(fn: Callable, units: Sequence[tuple], *, cpus: float = 1, gpus: fl
         except ray.exceptions.RayTaskError as e:
             for ref in pending:
                 ray.cancel(ref, force=True)
-            raise (e.cause if e.cause is not None else e) from None
+            raise raised(e) from None
         if on_result:
             on_result(results[i])
     return results

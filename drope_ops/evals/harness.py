@@ -28,7 +28,7 @@ import difflib
 import functools
 import math
 
-from drope_ops.errors import SpecError
+from drope_ops.errors import SpecError, one_line
 
 PREFIX = "lm_eval:"
 """How an evaluate.tasks entry names an lm-eval task, group or tag: lm_eval:arc_easy."""
@@ -126,8 +126,7 @@ def evaluate_task(model, tokenizer, name: str, *, length: int, long_context: boo
         out = lm_eval.simple_evaluate(model=lm, tasks=[name], task_manager=tm, limit=limit, bootstrap_iters=0,
                                       log_samples=False)
     except (ConnectionError, FileNotFoundError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise SpecError(f"evaluate.tasks {PREFIX}{name}: its data cannot be loaded ({first}); offline, point the "
+        raise SpecError(f"evaluate.tasks {PREFIX}{name}: its data cannot be loaded ({one_line(e)}); offline, point the "
                         f"task at local files: a task YAML in evaluate.lm_eval_include_path with dataset_path: json "
                         f"and dataset_kwargs: {{data_files: ...}}") from None
     return summarize(out["results"], name, length, n=sum(v.get("effective", 0) for v in out.get("n-samples", {}).values()))

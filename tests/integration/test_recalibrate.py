@@ -20,8 +20,10 @@ from safetensors.torch import load_file
 from drope_ops.data import DataConfig
 from drope_ops.errors import CheckpointError, SpecError
 from drope_ops.manifest import verify_manifest
-from workflows.stages.recalibrate import RecalibrateConfig, TrainingDivergedError, recalibrate
-from workflows.zero_weights import consolidate
+from drope_ops.training import TrainingDivergedError
+from workflows.recalibrate.config import RecalibrateConfig
+from workflows.recalibrate.launch import recalibrate
+from workflows.recalibrate.weights import consolidate
 
 STEPS = 24
 BASE = dict(steps=STEPS, global_batch=8, micro_batch=2, num_workers=2, zero_stage=2, lr=3e-3,
@@ -258,7 +260,8 @@ def test_two_nodes_with_s3_storage_completes_and_resumes(reference, s3_bucket, r
 def test_schedules_presets_and_cli_spec_building(tmp_path):
     from workflows.commands.recalibrate import build_configs
     from workflows.spec import preset_names
-    from workflows.stages.recalibrate import lr_at, preset, preset_sections
+    from drope_ops.training import lr_at
+    from workflows.recalibrate.config import preset, preset_sections
 
     cos = RecalibrateConfig(**{**BASE, "steps": 10, "warmup_steps": 2, "lr": 1.0, "min_lr_ratio": 0.1})
     assert [lr_at(cos, s) for s in (0, 1)] == [0.5, 1.0] and lr_at(cos, 9) == pytest.approx(0.1)

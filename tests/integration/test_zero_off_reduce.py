@@ -39,7 +39,8 @@ def _rank(rank: int, port: int, ckpt: str, out_dir: str) -> None:
 
     from drope_ops.data import DataConfig
     from drope_ops.needle_data import inputs_and_labels
-    from workflows.stages.recalibrate import RecalibrateConfig, build, forward_backward
+    from workflows.recalibrate.config import RecalibrateConfig
+    from workflows.recalibrate.loop import build, forward_backward
 
     cfg = RecalibrateConfig(zero_stage=0, num_workers=WORLD, global_batch=8, micro_batch=2, steps=4)
     data = DataConfig(source="shakespeare", seq_len=64, max_tokens=20_000)

@@ -63,8 +63,9 @@ def _construct(rank: int, port: int, ckpt: str, route: str, out_dir: str) -> Non
     from transformers import AutoModelForCausalLM
 
     import drope_ops  # noqa: F401
-    from workflows.stages.recalibrate import RecalibrateConfig, deepspeed_config
-    from workflows.zero_weights import load_model
+    from workflows.recalibrate.config import RecalibrateConfig
+    from workflows.recalibrate.engine import deepspeed_config
+    from workflows.recalibrate.weights import load_model
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     ds_config = deepspeed_config(RecalibrateConfig(zero_stage=3, num_workers=WORLD, global_batch=4,
@@ -83,7 +84,7 @@ def _construct(rank: int, port: int, ckpt: str, route: str, out_dir: str) -> Non
     if route == "zero.Init":  # each rank read only its slice: gathered, every parameter is the checkpoint's
         from safetensors import safe_open
 
-        from workflows.zero_weights import tensor_files
+        from workflows.recalibrate.weights import tensor_files
 
         files, mismatched = tensor_files(ckpt), []
         for name, p in model.named_parameters():

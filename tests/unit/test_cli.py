@@ -53,3 +53,21 @@ def test_commands_that_need_no_model_do_not_import_it(argv, not_loaded):
             f"print(rc, [m for m in {not_loaded!r} if m in sys.modules])")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.splitlines()[-1] == "0 []", out[-300:]
+
+
+def test_recalibrate_set_parses_values_as_drope_run_does(capsys, tmp_path):
+    """`--set recalibrate.lr=1e-3` (YAML 1.1 reads it as a string) is parsed by the one spec loader, so the
+    command gets past its configs to the checkpoint check; it crashed with a TypeError traceback when the
+    command built RecalibrateConfig itself."""
+    from workflows.commands.recalibrate import build_configs
+
+    ckpt = tmp_path / "no-such-checkpoint"
+    assert main(["recalibrate", str(ckpt), str(tmp_path / "out"), "--preset", "debug",
+                 "--set", "recalibrate.lr=1e-3"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{ckpt} has no config.json" in err and "\n" not in err
+    assert main(["recalibrate", str(ckpt), str(tmp_path / "out"), "--preset", "debug",
+                 "--set", "recalibrate.lr=fast"]) == 2
+    assert "recalibrate.lr='fast': must be a number" in capsys.readouterr().err
+    cfg, _ = build_configs("debug", None, ["recalibrate.lr=1e-3"])
+    assert cfg.lr == 0.001 and isinstance(cfg.lr, float)

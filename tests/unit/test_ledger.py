@@ -1,22 +1,30 @@
 """The ledger: atomic records, resume decisions by fingerprint, downstream invalidation."""
 
 from workflows.ledger import FAILED, SUCCEEDED, Ledger, fingerprint
+from workflows.pipeline import chain
+from workflows.spec import load_spec
 
 
-def chain(specs: dict) -> dict:
-    """Fingerprints of a 3-stage chain a -> b -> c from per-stage specs."""
-    fa = fingerprint("a", specs["a"], [])
-    fb = fingerprint("b", specs["b"], [fa])
-    fc = fingerprint("c", specs["c"], [fb])
-    return {"a": fa, "b": fb, "c": fc}
+def fingerprints(overrides: list[str]) -> dict:
+    """The fingerprint of every stage of the debug workflow, as the pipeline computes them for resume."""
+    return {stage.name: fp for stage, _, fp in chain(load_spec("debug", overrides))}
 
 
 def test_changed_spec_invalidates_exactly_downstream():
-    base = chain({"a": {"x": 1}, "b": {"y": 1}, "c": {"z": 1}})
-    mid = chain({"a": {"x": 1}, "b": {"y": 2}, "c": {"z": 1}})
-    assert mid["a"] == base["a"] and mid["b"] != base["b"] and mid["c"] != base["c"]
-    last = chain({"a": {"x": 1}, "b": {"y": 1}, "c": {"z": 9}})
-    assert (last["a"], last["b"]) == (base["a"], base["b"]) and last["c"] != base["c"]
+    """fetch -> drop_rope -> recalibrate -> fit_temperature -> evaluate (which reads fetch's model too):
+    a changed section changes its stage's fingerprint and every stage downstream, none upstream."""
+    base = fingerprints([])
+    order = list(base)
+    assert order == ["fetch", "drop_rope", "recalibrate", "fit_temperature", "evaluate"]
+    assert len(set(base.values())) == len(base), "every stage has a fingerprint of its own"
+    for override, first_changed in [("drop_rope.qk_norm=q", "drop_rope"), ("recalibrate.lr=3e-4", "recalibrate"),
+                                    ("data.seq_len=48", "recalibrate"), ("evaluate.samples_per_cell=3", "evaluate")]:
+        changed = fingerprints([override])
+        split = order.index(first_changed)
+        assert [changed[s] == base[s] for s in order] == [True] * split + [False] * (len(order) - split), override
+    # recomputed alike: the fingerprint is a pure function of the spec
+    assert fingerprints([]) == base
+    assert fingerprint("a", {"x": 1}, ["f"]) != fingerprint("a", {"x": 1}, ["g"]), "inputs must count"
 
 
 def test_skip_only_succeeded_with_same_fingerprint(tmp_path):

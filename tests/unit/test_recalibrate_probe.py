@@ -5,7 +5,8 @@ import torch
 from transformers import LlamaForCausalLM
 
 from drope_ops import debugmodel
-from workflows.stages.recalibrate import PROBE_TOKENS, Trainee, probe_logits
+from workflows.recalibrate.checkpoint import PROBE_TOKENS, probe_logits
+from workflows.recalibrate.loop import Trainee
 
 
 def test_the_probe_keeps_two_rows_of_probe_tokens_and_their_logits():

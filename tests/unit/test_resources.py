@@ -4,7 +4,7 @@ import pytest
 
 from drope_ops.errors import SpecError
 from workflows.stages.evaluate import EvalConfig, evaluation_units, model_key
-from workflows.stages.recalibrate import RecalibrateConfig, workers_for
+from workflows.recalibrate.config import RecalibrateConfig, workers_for
 from workflows.tasks import placeable, task_options
 
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from workflows.zero_weights import ShardWriter, full_weights, weight_layout
+from workflows.recalibrate.weights import full_weights, ShardWriter, weight_layout
 
 
 class Tied(torch.nn.Module):

@@ -1,5 +1,9 @@
 """Workflow spec: presets load, overrides apply, bad fields are refused naming the field and the fix."""
 
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from drope_ops.errors import SpecError
@@ -16,6 +20,21 @@ def test_every_preset_loads():
         spec = load_spec(name)
         assert spec.name == name
         assert all(f > 1 for f in spec.fit_temperature.extension_factors)
+        # the spec refuses target lengths not beyond the training length, in every preset
+        with pytest.raises(SpecError, match=r"fit_temperature\.extension_factors.*(> 1|must exceed)"):
+            load_spec(name, ["fit_temperature.extension_factors=[1, 2]"])
+
+
+def test_loading_a_spec_imports_no_torch():
+    """The spec's sections are plain dataclasses: `drope plan`, `status` and the driver's checks load one
+    without torch, transformers, DeepSpeed or Ray (each a second or more to import)."""
+    code = ("import sys; from workflows.spec import load_spec, preset_names; import workflows.pipeline; "
+            "[load_spec(n) for n in preset_names()]; "
+            "print(sorted(m for m in ('torch', 'transformers', 'deepspeed', 'ray') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=Path(__file__).resolve().parents[2])
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]", f"loading every preset imported {out.stdout.strip()}"
 
 
 def test_paper_hyperparameters_in_presets():

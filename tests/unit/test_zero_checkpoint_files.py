@@ -1,7 +1,7 @@
-"""Which DeepSpeed checkpoint files a relaunch needs (zero_weights.missing_rank), per ZeRO stage, from
+"""Which DeepSpeed checkpoint files a relaunch needs (checkpoint.missing_rank), per ZeRO stage, from
 the file names DeepSpeed 0.19 writes: ZeRO off keeps everything in rank 0's model states."""
 
-from workflows.zero_weights import missing_rank
+from workflows.recalibrate.checkpoint import missing_rank
 
 ZERO_OFF = ["mp_rank_00_model_states.pt"]
 ZERO_2 = ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",

@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from drope_ops import storage
+from drope_ops.errors import one_line
 from workflows.commands.parser import Parser
 from workflows.ledger import Ledger
 from workflows.runs import find_run
@@ -67,13 +68,9 @@ def _from_mlflow(tracking_uri: str, recs: dict) -> dict:
     except Exception as e:
         if not (is_outage(e) or isinstance(e, MlflowException)):
             raise
-        print(f"drope compare: {tracking_uri} did not give the runs ({_one_line(e)}): cells from results.json",
+        print(f"drope compare: {tracking_uri} did not give the runs ({one_line(e)[:200]}): cells from results.json",
               file=sys.stderr)
     return out
-
-
-def _one_line(e: Exception) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[-1][:200]
 
 
 def _results_json(record) -> tuple[dict, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from pathlib import Path
 
 import yaml
@@ -38,44 +38,47 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def build_configs(preset_name: str | None, config_file: str | None, overrides: list[str]):
-    """(RecalibrateConfig, DataConfig) from a preset, then a YAML file, then --set overrides."""
+    """(RecalibrateConfig, DataConfig) from a preset, then a YAML file, then --set overrides: the same
+    loader as `drope run` (apply_overrides, from_dict), so a value parses and is refused alike."""
     from drope_ops.data import DataConfig
-    from workflows.config import load_yaml
-    from workflows.stages.recalibrate import RecalibrateConfig, preset_sections
+    from workflows.config import apply_overrides, from_dict
+    from workflows.recalibrate.config import RecalibrateConfig, preset_sections
 
     tree: dict = {"recalibrate": {}, "data": {}}
     if preset_name:
         tree["recalibrate"], tree["data"] = preset_sections(preset_name)
     if config_file:
-        try:
-            with open(config_file) as f:
-                loaded = load_yaml(f) or {}
-        except (OSError, yaml.YAMLError) as e:
-            raise SpecError(f"--config {config_file}: cannot read it as YAML ({e.__class__.__name__})") from None
-        unknown = set(loaded) - set(tree)
-        if unknown:
-            raise SpecError(f"--config {config_file}: unknown sections {sorted(unknown)}; use recalibrate: and data:")
-        for section in tree:
-            tree[section].update(loaded.get(section) or {})
+        for section, values in _config_sections(config_file, tuple(tree)).items():
+            tree[section].update(values)
     for item in overrides:
-        key, sep, raw = item.partition("=")
-        section, _, name = key.strip().partition(".")
-        if not sep or section not in tree or not name:
+        section, dot, name = item.partition("=")[0].strip().partition(".")
+        if "=" not in item or section not in tree or not dot or not name:
             raise SpecError(f"--set {item!r} must look like recalibrate.FIELD=VALUE or data.FIELD=VALUE")
-        tree[section][name] = load_yaml(raw)
-    for section, cls in (("recalibrate", RecalibrateConfig), ("data", DataConfig)):
-        known = {f.name for f in fields(cls)}
-        bad = set(tree[section]) - known
-        if bad:
-            raise SpecError(f"{section}.{sorted(bad)[0]} is not a field; known: {sorted(known)}")
-    return RecalibrateConfig(**tree["recalibrate"]), DataConfig(**tree["data"])
+    tree = apply_overrides(tree, overrides)
+    return (from_dict(RecalibrateConfig, tree["recalibrate"], "recalibrate."),
+            from_dict(DataConfig, tree["data"], "data."))
+
+
+def _config_sections(config_file: str, sections: tuple[str, ...]) -> dict:
+    """The `recalibrate:` and `data:` sections of a --config YAML file, refused in one line otherwise."""
+    from workflows.config import load_yaml
+
+    try:
+        with open(config_file) as f:
+            loaded = load_yaml(f) or {}
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"--config {config_file}: cannot read it as YAML ({e.__class__.__name__})") from None
+    unknown = set(loaded) - set(sections)
+    if unknown:
+        raise SpecError(f"--config {config_file}: unknown sections {sorted(unknown)}; use recalibrate: and data:")
+    return {section: loaded.get(section) or {} for section in sections}
 
 
 def main_recalibrate(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     if args.presets:
         from workflows.config import preset_names
-        from workflows.stages.recalibrate import preset
+        from workflows.recalibrate.config import preset
 
         for name in preset_names():
             train, data = preset(name)
@@ -85,7 +88,7 @@ def main_recalibrate(argv: list[str]) -> int:
     if not args.checkpoint or not args.output:
         raise SpecError("give CHECKPOINT and OUTPUT directories, e.g. drope recalibrate ckpt/ out/ --preset debug")
     cfg, data = build_configs(args.preset, args.config, args.set)
-    from workflows.stages.recalibrate import recalibrate
+    from workflows.recalibrate.launch import recalibrate
 
     run_name = args.run_name or Path(args.output).resolve().name
     result = recalibrate(cfg, data, args.checkpoint, args.output, run_name=run_name, storage_path=args.storage)

@@ -22,7 +22,7 @@ from workflows.stage import SOURCE, Stage
 
 
 @dataclass
-class DropRopeSpec:
+class DropRopeConfig:
     qk_norm: QkNorm = "qk"
     """QK-norm inserted after dropping RoPE: none | qk | q (paper: qk for long recalibrations)."""
     qk_norm_scope: QkNormScope = "full"

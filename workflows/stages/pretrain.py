@@ -20,7 +20,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
-from drope_ops import debugmodel, storage
+from drope_ops import storage
 from drope_ops.choices import check_choices
 from drope_ops.data import DataConfig, iter_documents
 from drope_ops.errors import SpecError
@@ -28,13 +28,13 @@ from drope_ops.manifest import write_manifest
 from workflows import stage_io
 from workflows.config import from_dict
 from workflows.stage import SOURCE, Stage
-from workflows.stages.recalibrate import RecalibrateConfig, recalibrate, report_training
+from workflows.recalibrate.config import RecalibrateConfig
 
 WARMUP_DATA_FIELDS = ("seq_len", "copies", "copy_max_span")
 
 
 @dataclass
-class PretrainSpec:
+class PretrainConfig:
     """Optional stage 0 (the micro reproduction): train a small RoPE Llama from random init first."""
 
     enabled: bool = False
@@ -85,6 +85,8 @@ def make_tokenizer(spec):
     """None (the byte-level default) or a BPE trained on the train split of data.source."""
     if spec.pretrain.tokenizer != "bpe":
         return None
+    from drope_ops import debugmodel
+
     return debugmodel.bpe_tokenizer(iter_documents(spec.data, "train"), spec.pretrain.vocab_size)
 
 
@@ -99,6 +101,10 @@ def _published(local_dir: str, ctx, name: str) -> str:
 
 
 def pretrain_stage(spec, ctx) -> dict:
+    # torch, transformers and DeepSpeed load when the stage runs, not when a spec (PretrainConfig) loads
+    from drope_ops import debugmodel
+    from workflows.recalibrate.launch import recalibrate
+
     cfg = from_dict(RecalibrateConfig, spec.pretrain.train, "pretrain.train.")
     warmup = warmup_configs(spec)
     init = tempfile.mkdtemp(dir=stage_io.scratch_root(), prefix="pretrain-init-")
@@ -124,6 +130,8 @@ def pretrain_stage(spec, ctx) -> dict:
 
 
 def run(spec, ctx) -> dict:
+    from workflows.recalibrate.report import report_training
+
     return report_training(ctx, pretrain_stage(spec, ctx))
 
 

@@ -12,9 +12,6 @@ of at most `max_shard_bytes` in the base checkpoint's dtype (headers first: the 
 any gather) and publishes them to the stage output (local or S3), manifest last. No optimizer state
 leaves the workers for the final model; the writer holds one module, never a shard.
 
-Checkpoints (`own_shards`, `missing_rank`, `keep_own_shards`, `download`): every rank writes and reads
-only its own DeepSpeed shard files; a checkpoint missing one rank's shard is refused, naming the rank.
-
 `consolidate` is the older route (zero_to_fp32 over a whole DeepSpeed checkpoint, optimizer states
 included): kept to turn any kept checkpoint into a model, and as the reference the new route must match.
 """
@@ -25,7 +22,6 @@ import contextlib
 import json
 import math
 import os
-import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -296,75 +292,11 @@ def _write_config(source_dir, out_dir: Path, dtype: torch.dtype) -> None:
         shutil.copyfile(Path(source_dir) / "generation_config.json", out_dir / "generation_config.json")
 
 
-# ---------------------------------------------------------------------------------------------------
-# Checkpoints: each rank writes and reads only its own shard files.
-
-SHARED_FILES = {0: ("mp_rank_00_model_states.pt",), 1: ("mp_rank_00_model_states.pt",),
-                2: ("mp_rank_00_model_states.pt",), 3: ()}
-"""DeepSpeed files every rank reads, written by rank 0 only (ZeRO-1/2: the module weights; ZeRO off:
-the module weights and the whole optimizer state, no per-rank shard at all)."""
-
-
-def own_shards(rank: int, names: list[str]) -> list[str]:
-    """The shard files of rank `rank` among a DeepSpeed tag directory's file names."""
-    return [n for n in names if re.match(rf"(?:bf16_)?zero_pp_rank_{rank}_mp_rank_\d+_", n)]
-
-
-def missing_rank(names: list[str], world: int, zero_stage: int) -> str | None:
-    """Why a checkpoint (its tag directory's file names) cannot be resumed by `world` ranks, naming the
-    first rank whose shard is missing; None when complete. ZeRO-3: every rank needs its optimizer and
-    model-states shard; ZeRO-1/2: its optimizer shard, and rank 0's module weights; ZeRO off: rank 0's
-    module weights and optimizer state only."""
-    if zero_stage == 0 and any(own_shards(rank, names) for rank in range(world)):
-        return "it holds ZeRO's per-rank optimizer shards (written with zero_stage 1-3)"
-    kinds = {0: (), 3: ("optim_states", "model_states")}.get(zero_stage, ("optim_states",))
-    for rank in range(world):
-        mine = own_shards(rank, names)
-        for kind in kinds:
-            if not any(kind in n for n in mine):
-                return f"the {kind} shard of rank {rank} is missing"
-    for name in SHARED_FILES[zero_stage]:
-        if name not in names:
-            return f"{name} (rank 0's module weights{' and optimizer state' if zero_stage == 0 else ''}) is missing"
-    return None
-
-
-# Reading a Ray Train checkpoint (local or S3) file by file, never as a whole directory.
-
-
-def checkpoint_files(checkpoint) -> list[str]:
-    """Relative paths of every file in a Ray Train checkpoint (local or S3), without downloading any."""
-    import pyarrow.fs
-
-    root = checkpoint.path.rstrip("/")
-    infos = checkpoint.filesystem.get_file_info(pyarrow.fs.FileSelector(root, recursive=True))
-    return sorted(i.path[len(root) + 1:] for i in infos if i.type == pyarrow.fs.FileType.File)
-
-
-def download(checkpoint, names: list[str], local_dir: str) -> None:
-    """Copy the named files of a Ray Train checkpoint into local_dir (and nothing else)."""
-    for name in names:
-        (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
-        with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as src, \
-                open(Path(local_dir) / name, "wb") as dst:
-            shutil.copyfileobj(src, dst, 8 << 20)
-
-
-def keep_own_shards(d: Path, tag: str, rank: int) -> None:
-    """Delete what DeepSpeed wrote on this node besides this rank's shards (node-local storage makes
-    each node's first rank write the shared files too: `latest`, ZeRO-1/2 module weights)."""
-    for p in d.iterdir():
-        if p.is_file():
-            p.unlink()
-    for p in (d / tag).iterdir():
-        if p.name not in own_shards(rank, [p.name]):
-            p.unlink()
-
-
-def read_json(checkpoint, name: str) -> dict:
-    """One JSON file of a Ray Train checkpoint, read in place."""
-    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path.rstrip('/')}/{name}") as f:
-        return json.loads(f.read())
+def write_final(t, cfg, output: str) -> None:
+    """The last step is done: every rank takes part in gathering the 16-bit weights, rank 0 writes them
+    to `output` (safetensors shards, base checkpoint dtype, manifest last). `t` is the worker's Trainee."""
+    write_final_weights(t.engine, zero_stage=cfg.zero_stage, rank=t.rank, source_dir=t.ckpt_dir,
+                        tokenizer=t.tokenizer, output_uri=output, max_shard_bytes=int(cfg.output_shard_mb * 1e6))
 
 
 # ---------------------------------------------------------------------------------------------------
