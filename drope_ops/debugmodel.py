@@ -101,3 +101,35 @@ def make_debug_checkpoint(
     model.save_pretrained(path, **kwargs)
     tokenizer.save_pretrained(path)
     return path
+
+
+def make_debug_release(path: str | Path, *, attention_type: str = "qk_norm_nope", softmax_scale: float | None = 0.3,
+                       seed: int = 0, **config_overrides) -> Path:
+    """Write the debugmodel in the official DroPE release layout (drope_ops.sakana): config model_type
+    llama_drope with attention_type / softmax_scale, and for the *_norm_nope types full-width
+    self_attn.q_norm / k_norm weights near 1 (1 + 0.1 * N(0, 1): a parity check sees them), as their
+    model saves them. For tests and the `sakana-debug-eval` preset: what `drope fetch` imports."""
+    import json
+
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    config = debug_config(**config_overrides)
+    tensors = {k: v.contiguous() for k, v in LlamaForCausalLM(config).state_dict().items() if k != "lm_head.weight"}
+    head_dim = config.hidden_size // config.num_attention_heads
+    if attention_type != "nope":
+        for i in range(config.num_hidden_layers):
+            for name, heads in (("q_norm", config.num_attention_heads), ("k_norm", config.num_key_value_heads)):
+                tensors[f"model.layers.{i}.self_attn.{name}.weight"] = 1 + 0.1 * torch.randn(heads * head_dim)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    raw = {**config.to_dict(), "model_type": "llama_drope", "architectures": ["DroPELlamaForCausalLM"],
+           "attention_type": attention_type, "head_dim": head_dim,
+           "auto_map": {"AutoConfig": "drope.DroPELlamaConfig", "AutoModelForCausalLM": "drope.DroPELlamaForCausalLM"}}
+    if softmax_scale is not None:
+        raw["softmax_scale"] = softmax_scale
+    (path / "config.json").write_text(json.dumps(raw, indent=2))
+    byte_level_tokenizer().save_pretrained(path)
+    return path

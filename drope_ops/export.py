@@ -2,6 +2,7 @@
 
     drope export SRC DST --format native        # vanilla transformers, no trust_remote_code
     drope export SRC DST --format remote-code   # auto_map + modeling_drope.py next to the weights
+    drope export SRC DST --format sakana        # the official DroPE code's llama_drope / qwen2_drope layout
 
 Native layouts (exact: same logits as the DroPE model):
 - every layer keeps RoPE, no QK-norm          -> Llama
@@ -32,7 +33,7 @@ from drope_ops.modeling import DropeConfig
 from drope_ops.surgery import (INDEX_NAME, atomic_directory, copy_shards, copy_tokenizer_files, read_config,
                                weight_files)
 
-FORMATS = ("native", "remote-code")
+FORMATS = ("native", "remote-code", "sakana")
 IDENTITY_ROPE = {"rope_type": "linear", "factor": 1e30}  # Qwen3 layout: rotates by exactly nothing
 REMOTE_MODULE = "modeling_drope"
 _COMMON = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -60,8 +61,8 @@ def native_layout(config: DropeConfig) -> str:
     if config.qk_norm_scope == "full":
         raise CheckpointError(f"qk_norm_scope='full' (RMSNorm over all heads, the paper's) has no native "
                               f"transformers layout; {remote}, or run drop-rope with --qk-norm-scope head")
-    if config.qk_norm == "q":
-        raise CheckpointError(f"qk_norm='q' (queries only) has no native layout; {remote}, "
+    if config.qk_norm in ("q", "k"):
+        raise CheckpointError(f"qk_norm={config.qk_norm!r} (one side only) has no native layout; {remote}, "
                               f"or run drop-rope with --qk-norm qk --qk-norm-scope head")
     if rope:
         raise CheckpointError(f"rope_layers={rope} with QK-norm: no native layout mixes RoPE and NoPE layers "
@@ -134,6 +135,10 @@ def export_checkpoint(src, dst, *, format: str = "native", progress: bool = True
         raise SpecError(f"format={format!r}: choose one of {', '.join(FORMATS)}")
     src, dst = Path(src), Path(dst)
     config = _load_drope_config(src)
+    if format == "sakana":
+        from drope_ops.sakana import export_release
+
+        return export_release(src, dst, config, progress=progress)
     files, index = weight_files(src)
     if format == "remote-code":
         with atomic_directory(dst) as tmp:

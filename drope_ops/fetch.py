@@ -10,6 +10,11 @@ verified against its index and safetensors headers), a
 local checkpoint directory, or a `.gguf` file. Destinations: a local directory or `s3://...`.
 The destination gets only config, tokenizer and safetensors files (see checkpoint_policy), a sha256
 manifest with the source URI, and is complete or absent (drope_ops.transfer).
+
+A checkpoint of the official DroPE release (model_type llama_drope / qwen2_drope, SakanaAI/DroPE) is
+read as data and lands as a drope checkpoint (drope_ops.sakana.import_release): its code never runs.
+`expect` says which kind the caller wants: "rope" (a model DroPE starts from), "drope" (already DroPE:
+a release, or drope's own output) or None (either, as `drope fetch` takes it).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from drope_ops import checkpoint_policy as policy
 from drope_ops import manifest as mf
 from drope_ops import storage, transfer
 from drope_ops.errors import CheckpointError, StorageError
+from drope_ops.sakana import import_release, is_release, release_problem
 
 log = logging.getLogger("drope.fetch")
 
@@ -88,6 +94,23 @@ def check_rope_llama_config(config: dict, where: str) -> None:
         raise CheckpointError(f"{where}: {problem}")
 
 
+def check_source_config(config: dict, where: str, expect: str | None = None) -> None:
+    """Raise CheckpointError unless `config` is the kind of checkpoint asked for (see the module docstring)."""
+    problem = release_problem(config) if is_release(config) else None
+    if problem:
+        raise CheckpointError(f"{where}: {problem}")
+    drope = is_release(config) or config.get("model_type") == "drope"
+    if drope and expect == "rope":
+        raise CheckpointError(f"{where}: already a DroPE checkpoint (model_type {config['model_type']!r}); to "
+                              f"evaluate it as it is, set model.already_drope: true and model.base_source to its "
+                              f"RoPE base model (preset sakana-debug-eval), or fetch the RoPE original")
+    if not drope and expect == "drope":
+        raise CheckpointError(f"{where}: model.already_drope is set but model_type {config.get('model_type')!r} is "
+                              f"not a DroPE checkpoint; unset model.already_drope, or point model.source at one")
+    if not drope:
+        check_rope_llama_config(config, where)
+
+
 def _check_dest(dest: str) -> None:
     scheme = _SCHEME.match(dest)
     if scheme and scheme.group(1) != "s3":
@@ -105,8 +128,9 @@ def _complete_from(dest: str, source: str) -> str | None:
 
 
 def fetch(source: str, dest: str, *, allow_pickle: bool = False, allow_code: bool = False,
-          progress: bool = True) -> FetchResult:
-    """Fetch a base checkpoint from `source` into `dest` (local directory or s3://).
+          expect: str | None = "rope", progress: bool = True) -> FetchResult:
+    """Fetch a checkpoint from `source` into `dest` (local directory or s3://); `expect`: "rope", "drope"
+    or None (see the module docstring).
 
     Raises:
         CheckpointError: unknown scheme, no manifest, pickle-only weights without allow_pickle, not a
@@ -121,7 +145,7 @@ def fetch(source: str, dest: str, *, allow_pickle: bool = False, allow_code: boo
         return FetchResult(dest, 0, 0, digest)
     opts = dict(allow_pickle=allow_pickle, allow_code=allow_code)
     if kind == "s3":
-        return _fetch_s3(source, dest, progress, opts)
+        return _fetch_s3(source, dest, progress, opts, expect)
     with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
         work = Path(work)
         hub_hashes: dict[str, str] = {}
@@ -132,22 +156,23 @@ def fetch(source: str, dest: str, *, allow_pickle: bool = False, allow_code: boo
             root = _import_gguf(Path(where), work / "gguf")
         else:
             root = Path(where)
-        files, manifest = _prepare(root, source, work, hub_hashes, opts)
+        files, manifest = _prepare(root, source, work, hub_hashes, opts, expect)
         stats = transfer.publish(files, manifest, dest, progress=progress)
     return FetchResult(dest, stats.files, stats.bytes, mf.manifest_digest(manifest))
 
 
-def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult:
+def _fetch_s3(source: str, dest: str, progress: bool, opts: dict, expect: str | None) -> FetchResult:
     src_manifest = storage.read_checkpoint_manifest(source)
     if src_manifest is None:
-        return _fetch_s3_plain(source, dest, progress, opts)
+        return _fetch_s3_plain(source, dest, progress, opts, expect)
     names = policy.select_files(list(src_manifest["files"]), where=source, **opts)
     configs = {n: json.loads(storage.read_bytes(storage.join(source, n)))
                for n in ("config.json", "tokenizer_config.json") if n in names}
-    check_rope_llama_config(configs["config.json"], source)  # before moving any weights
+    check_source_config(configs["config.json"], source, expect)  # before moving any weights
     policy.check_tokenizer(names, source)
     transform = any(policy._matches(n, policy.PICKLE_WEIGHTS) for n in names) or (
-        not opts["allow_code"] and any("auto_map" in c for c in configs.values()))
+        not opts["allow_code"] and any("auto_map" in c for c in configs.values())) or (
+        is_release(configs["config.json"]))
     wanted = {"format": src_manifest.get("format", "drope-manifest/1"), "source": source,
               "files": {n: src_manifest["files"][n] for n in names}}
     if not storage.is_s3(dest) and not transform:  # straight into dest's staging dir, resumable
@@ -160,13 +185,13 @@ def _fetch_s3(source: str, dest: str, progress: bool, opts: dict) -> FetchResult
         storage.remove_tree(cache)  # our cache of an older version of this source
     got = transfer.download_checkpoint(source, wanted, cache, progress=progress)
     with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
-        files, manifest = _prepare(cache, source, Path(work), {}, opts)
+        files, manifest = _prepare(cache, source, Path(work), {}, opts, expect)
         put = transfer.publish(files, manifest, dest, progress=progress)
     storage.remove_tree(cache)
     return FetchResult(dest, put.files, got.bytes + put.bytes, mf.manifest_digest(manifest))
 
 
-def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict) -> FetchResult:
+def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict, expect: str | None) -> FetchResult:
     """A plain Hugging Face checkpoint another tool wrote to S3 (config, index, safetensors shards; no
     drope manifest): download the selected files to a local cache (resumable: complete files are kept),
     verify the shards against the index and their headers (_prepare), then publish with a manifest."""
@@ -174,7 +199,7 @@ def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict) -> Fetch
     if not sizes:
         raise CheckpointError(f"{source} holds no files; check the prefix (`aws s3 ls {source}/`)")
     names = policy.select_files(list(sizes), where=source, **opts)
-    check_rope_llama_config(json.loads(storage.read_bytes(storage.join(source, "config.json"))), source)
+    check_source_config(json.loads(storage.read_bytes(storage.join(source, "config.json"))), source, expect)
     policy.check_tokenizer(names, source)
     cache = _cache_dir(source)
     client = storage.s3_client()
@@ -194,7 +219,7 @@ def _fetch_s3_plain(source: str, dest: str, progress: bool, opts: dict) -> Fetch
         os.replace(part, path)
         got += sizes[name]
     with tempfile.TemporaryDirectory(prefix="drope-fetch-") as work:
-        files, manifest = _prepare(cache, source, Path(work), {}, opts)
+        files, manifest = _prepare(cache, source, Path(work), {}, opts, expect)
         put = transfer.publish(files, manifest, dest, progress=progress)
     storage.remove_tree(cache)
     return FetchResult(dest, put.files, got + put.bytes, mf.manifest_digest(manifest))
@@ -238,8 +263,11 @@ def check_shards(root: Path, names: list[str], where: str) -> None:
 
 
 def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
-             opts: dict) -> tuple[dict[str, Path], dict]:
+             opts: dict, expect: str | None = "rope") -> tuple[dict[str, Path], dict]:
     """Apply the safety policy to a local checkpoint dir: (name -> file to publish, its manifest)."""
+    if (root / "config.json").is_file():  # the kind asked for, before an import writes anything
+        check_source_config(json.loads((root / "config.json").read_text()), source, expect)
+    root, expected = _import_if_release(root, source, work, expected)
     names = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
                    if p.is_file() and ".cache" not in p.relative_to(root).parts)
     own = mf.read_manifest(root)
@@ -248,7 +276,7 @@ def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
     names = policy.select_files(names, where=source, **opts)
     files = {n: root / n for n in names}
     config = json.loads(files["config.json"].read_text())
-    check_rope_llama_config(config, source)
+    check_source_config(config, source, expect)
     policy.check_tokenizer(names, source)
     if own is None and not expected:  # nothing recorded its hashes: check it against itself
         check_shards(root, names, source)
@@ -273,6 +301,18 @@ def _prepare(root: Path, source: str, work: Path, expected: dict[str, str],
                                   f"half-written); delete it and fetch again")
         table[name] = {"sha256": digest, "size": path.stat().st_size}
     return files, {"format": "drope-manifest/1", "source": source, "files": table}
+
+
+def _import_if_release(root: Path, source: str, work: Path, expected: dict[str, str]) -> tuple[Path, dict]:
+    """An official DroPE release at root, its shards checked against their recorded sha256 first, imported
+    into work as a drope checkpoint (whose own manifest then holds the hashes); anything else as it is."""
+    if not (root / "config.json").is_file() or not is_release(json.loads((root / "config.json").read_text())):
+        return root, expected
+    bad = [n for n, h in sorted(expected.items()) if n.endswith(".safetensors") and mf.sha256_file(root / n) != h]
+    if bad:
+        raise CheckpointError(f"{source}/{bad[0]} does not match its recorded sha256 (corrupt or half-written); "
+                              f"delete it and fetch again")
+    return import_release(root, work / "release", source_name=source, progress=False), {}
 
 
 def _hf_snapshot(source: str, repo_id: str, revision: str | None, opts: dict) -> Path:

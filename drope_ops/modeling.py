@@ -38,8 +38,9 @@ from transformers.models.llama.modeling_llama import (
     eager_attention_forward,
 )
 
-QkNorm = Literal["none", "qk", "q"]
-"""QK-norm after dropping RoPE: none, on q and k (the paper), or on q only."""
+QkNorm = Literal["none", "qk", "q", "k"]
+"""QK-norm after dropping RoPE: none, on q and k (the paper), on q only, or on k only (the official code's
+k_norm_nope)."""
 QkNormScope = Literal["full", "head"]
 """full: RMSNorm over num_heads*head_dim (the paper); head: per-head RMSNorm (Qwen3)."""
 QK_NORM_CHOICES = typing.get_args(QkNorm)
@@ -51,7 +52,8 @@ class DropeConfig(LlamaConfig):
     r"""A LlamaConfig plus what DroPE changes.
 
     rope_layers: indices of layers that keep RoPE (empty = every layer is NoPE, the paper's DroPE).
-    qk_norm: "none", "qk" (RMSNorm on queries and keys) or "q" (queries only, paper Section C.1).
+    qk_norm: "none", "qk" (RMSNorm on queries and keys), "q" (queries only, paper Section C.1) or "k" (keys
+        only, the official code's k_norm_nope).
     qk_norm_scope: "full" (RMSNorm over num_heads*head_dim before splitting heads, as the paper / OLMo2)
         or "head" (per-head RMSNorm over head_dim, as Qwen3).
     logit_scale: static beta multiplying q.k/sqrt(d) (1.0 = unchanged).
@@ -61,6 +63,8 @@ class DropeConfig(LlamaConfig):
     source_model / source_sha256: provenance of the checkpoint the surgery started from.
     source_rope_parameters: the source's RoPE scaling (yarn, linear, ...) that the surgery removed, as it
         was; None when the source used plain RoPE.
+    source_layout: the released layout the checkpoint was imported from ("llama_drope/qk_norm_nope": already
+        DroPE and recalibrated elsewhere, see drope_ops/sakana.py); None when drope's own surgery made it.
     """
 
     model_type = "drope"
@@ -75,6 +79,7 @@ class DropeConfig(LlamaConfig):
     source_model: str | None = None
     source_sha256: str | None = None
     source_rope_parameters: dict | None = None
+    source_layout: str | None = None
 
     def __post_init__(self, **kwargs):
         if self.rope_layers is None:
@@ -124,7 +129,7 @@ class DropeAttention(LlamaAttention):
         )
         self.k_norm = (
             LlamaRMSNorm(n_k if full else self.head_dim, eps=config.rms_norm_eps)
-            if config.qk_norm == "qk"
+            if config.qk_norm in ("qk", "k")
             else None
         )
         self.norm_full = full

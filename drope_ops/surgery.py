@@ -42,8 +42,9 @@ from drope_ops.manifest import build_manifest, manifest_digest, read_manifest, w
 # drope_ops.modeling's QkNorm / QkNormScope (modeling.py imports nothing from this project, and importing
 # it costs seconds of transformers: the CLI and the workflow specs take them from here);
 # tests/unit/test_surgery.py checks the two agree.
-QkNorm = Literal["none", "qk", "q"]
-"""QK-norm after dropping RoPE: none, on q and k (the paper), or on q only."""
+QkNorm = Literal["none", "qk", "q", "k"]
+"""QK-norm after dropping RoPE: none, on q and k (the paper), on q only, or on k only (the official code's
+k_norm_nope)."""
 QkNormScope = Literal["full", "head"]
 """full: RMSNorm over num_heads*head_dim (the paper); head: per-head RMSNorm (Qwen3)."""
 QK_NORM_CHOICES = typing.get_args(QkNorm)
@@ -232,7 +233,7 @@ def norm_weights(config: dict, layer: int, dtype: str) -> dict[str, Ones]:
     out = {}
     if config["qk_norm"] in ("qk", "q"):
         out[f"{prefix}.q_norm.weight"] = Ones(dtype, heads * head_dim if full else head_dim)
-    if config["qk_norm"] == "qk":
+    if config["qk_norm"] in ("qk", "k"):
         out[f"{prefix}.k_norm.weight"] = Ones(dtype, kv_heads * head_dim if full else head_dim)
     return out
 
@@ -491,16 +492,16 @@ def source_digest(src: Path, files: list[Path], src_hashes: dict[str, str]) -> s
 
 
 def write_index(dst: Path, files: list[Path], index: dict | None, names: dict[Path, str],
-                added: dict[str, Ones]) -> None:
-    """The safetensors index of the source's shards (renamed per names) and NORM_SHARD, total_size counting
-    the added norms; a single-file source gets its first index here."""
+                added: dict[str, Ones], shard: str = NORM_SHARD) -> None:
+    """The safetensors index of the source's shards (renamed per names) and `shard` holding the added norms,
+    total_size counting them; a single-file source gets its first index here."""
     if index is None:
         header, _ = read_header(files[0])
         index = {"metadata": {"total_size": data_length(header)},
                  "weight_map": dict.fromkeys((k for k in header if k != "__metadata__"), files[0].name)}
     renamed = {f.name: names.get(f, f.name) for f in files}
     weight_map = {k: renamed[v] for k, v in index["weight_map"].items()}
-    weight_map.update(dict.fromkeys(added, NORM_SHARD))
+    weight_map.update(dict.fromkeys(added, shard))
     meta = dict(index.get("metadata") or {})
     meta["total_size"] = int(meta.get("total_size", 0)) + sum(len(t.tobytes()) for t in added.values())
     (dst / INDEX_NAME).write_text(json.dumps({"metadata": meta, "weight_map": weight_map}, indent=2))

@@ -133,7 +133,7 @@ def check_fits(spec: WorkflowSpec) -> str | None:
     """Why the spec's GPU recalibration cannot fit plan.gpu_memory_gb (one line), or None."""
     r, a = spec.recalibrate, architecture(spec)
     seq = spec.data.seq_len or spec.model.original_context or 0
-    if not r.use_gpu or a is None or not seq:
+    if not r.use_gpu or a is None or not seq or spec.model.already_drope:  # already_drope: no recalibration
         return None
     m = memory(spec, a, gpus_of(spec), seq)
     if m.per_gpu <= spec.plan.gpu_memory_gb * GB:
@@ -158,6 +158,8 @@ def describe(spec: WorkflowSpec) -> str:
     a = architecture(spec)
     lines = [f"workflow {spec.name}: {' -> '.join(stage_names(spec))}", ""]
     lines.append(f"  {'fetch' if not spec.pretrain.enabled else 'pretrain'}: source {spec.model.source or 'random init'}")
+    if spec.model.already_drope:
+        return "\n".join(lines[:-1] + _already_drope_lines(spec))
     lines.append(f"  drop_rope: qk_norm={spec.drop_rope.qk_norm} ({spec.drop_rope.qk_norm_scope}), "
                  f"rope kept in {spec.drop_rope.rope_layers or 'no'} layers; 1 CPU task, streams shards")
     tokens = r.steps * r.global_batch * seq
@@ -169,13 +171,21 @@ def describe(spec: WorkflowSpec) -> str:
         lines += _cost_lines(spec, a, seq, tokens) + _memory_lines(spec, a, seq)
     else:
         lines.append("      (FLOPs and memory: give plan.architecture or a local model.source with config.json)")
-    t = spec.fit_temperature
-    lines.append(f"  fit_temperature: extension factors {t.extension_factors}, <= {t.max_evals} loss evaluations each")
-    e = spec.evaluate
-    lines.append(f"  evaluate: variants {e.variants} x tasks {e.tasks} x factors {e.extension_factors} "
-                 f"({len(e.variants) * len(e.tasks) * len(e.extension_factors)} parallel units)")
-    lines.append(f"  storage: {spec.storage.root or '$DROPE_HOME/runs'}   tracking: {spec.tracking.uri or 'embedded sqlite'}")
-    return "\n".join(lines)
+    return "\n".join(lines + _fit_and_evaluate_lines(spec))
+
+
+def _already_drope_lines(spec: WorkflowSpec) -> list[str]:
+    """model.already_drope: a release is fetched (imported as data) and so is its base; nothing is trained."""
+    return [f"  fetch_drope: {spec.model.source} (already DroPE: drop_rope and recalibrate do not run)",
+            f"  fetch_base: {spec.model.base_source} (the baselines' RoPE model)", *_fit_and_evaluate_lines(spec)]
+
+
+def _fit_and_evaluate_lines(spec: WorkflowSpec) -> list[str]:
+    t, e = spec.fit_temperature, spec.evaluate
+    return [f"  fit_temperature: extension factors {t.extension_factors}, <= {t.max_evals} loss evaluations each",
+            f"  evaluate: variants {e.variants} x tasks {e.tasks} x factors {e.extension_factors} "
+            f"({len(e.variants) * len(e.tasks) * len(e.extension_factors)} parallel units)",
+            f"  storage: {spec.storage.root or '$DROPE_HOME/runs'}   tracking: {spec.tracking.uri or 'embedded sqlite'}"]
 
 
 def forward_flops(n: int, a: ArchitectureConfig, length: int) -> float:

@@ -153,6 +153,9 @@ class WorkflowSpec:
     def __post_init__(self):
         if not self.name or not all(c.isalnum() or c in "-_." for c in self.name):
             raise SpecError(f"name={self.name!r}: give the spec a name of letters, digits, '-', '_' or '.'")
+        if self.pretrain.enabled and self.model.already_drope:
+            raise SpecError("pretrain.enabled and model.already_drope exclude each other: a release is already "
+                            "DroPE; unset one")
         if not self.pretrain.enabled and not self.model.source:
             raise SpecError("model.source is empty: give hf://ORG/NAME, s3://BUCKET/PREFIX, a directory or a .gguf")
         targets = [f for f in self.fit_temperature.extension_factors]

@@ -13,6 +13,9 @@ from typing import Callable
 
 SOURCE = "source"
 """The role of the stage that brings the base checkpoint (fetch, or pretrain in the micro repro)."""
+RECALIBRATED = "recalibrate"
+"""The checkpoint fit_temperature starts from: the recalibrate stage's output (the role has its name), or
+fetch_drope's when model.already_drope skips drop_rope and recalibrate."""
 
 
 @dataclass

@@ -4,6 +4,7 @@
     drope drop-rope ckpt/smollm2 ckpt/smollm2-drope --qk-norm qk --original-context 2048
     drope drop-rope ckpt/smollm2 ckpt/smollm2-nope4 --qk-norm none --nope-every 4
     drope export ckpt/smollm2-drope out/smollm2-drope-rc --format remote-code
+    drope export ckpt/smollm2-drope out/smollm2-drope-sakana --format sakana
 """
 
 from __future__ import annotations
@@ -50,8 +51,9 @@ def main_export(argv: list[str]) -> int:
     p = Parser(prog="drope export", description="Export a DroPE checkpoint natively or with its modeling code.")
     p.add_argument("src", help="DroPE checkpoint directory")
     p.add_argument("dst", help="new directory for the export (must not exist)")
-    p.add_argument("--format", choices=("native", "remote-code"), default="native",
-                   help="native: loads in vanilla transformers; remote-code: auto_map + modeling_drope.py")
+    p.add_argument("--format", choices=("native", "remote-code", "sakana"), default="native",
+                   help="native: loads in vanilla transformers; remote-code: auto_map + modeling_drope.py; "
+                        "sakana: the official DroPE code's llama_drope / qwen2_drope layout")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.parse_args(argv)
     from drope_ops.export import export_checkpoint

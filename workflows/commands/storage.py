@@ -4,6 +4,7 @@
     drope fetch s3://bucket/models/llama ./ckpt/llama          # run again after a kill: resumes
     drope fetch ./ckpt/llama s3://bucket/runs/r1/base
     drope fetch SmolLM2-135M-Instruct.Q4_1.gguf ./ckpt/smollm2
+    drope fetch hf://SakanaAI/SmolLM-360M-DroPE ./ckpt/smollm-drope   # official release -> drope layout, no code run
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ def main_fetch(argv: list[str]) -> int:
     from drope_ops.fetch import fetch
 
     result = fetch(args.source, args.dest, allow_pickle=args.allow_pickle, allow_code=args.allow_code,
-                   progress=not args.no_progress)
+                   expect=None, progress=not args.no_progress)  # a RoPE model, or one already DroPE
     print(f"fetched {args.source} -> {result.dest}: {result.files_transferred} files, "
           f"{result.bytes_transferred / 1e6:.1f} MB transferred, manifest {result.manifest_digest}")
     return 0

@@ -2,6 +2,7 @@
 `STAGE` facts (workflows/stage.py); adding a stage is one module and one line here.
 
     fetch | pretrain -> drop_rope -> recalibrate -> fit_temperature -> evaluate
+    fetch_drope -> fetch_base -> fit_temperature -> evaluate          (model.already_drope)
 """
 
 from workflows.stages import drop_rope, evaluate, fetch, fit_temperature, pretrain, recalibrate
@@ -9,6 +10,8 @@ from workflows.stages import drop_rope, evaluate, fetch, fit_temperature, pretra
 PIPELINE = (
     pretrain.STAGE,
     fetch.STAGE,
+    fetch.RELEASE_STAGE,
+    fetch.BASE_STAGE,
     drop_rope.STAGE,
     recalibrate.STAGE,
     fit_temperature.STAGE,
@@ -16,9 +19,14 @@ PIPELINE = (
 )
 
 
+MAKE_DROPE = ("drop_rope", "recalibrate")
+"""What a checkpoint that is already DroPE (model.already_drope) skips."""
+
+
 def enabled(spec) -> list:
     """The stages this spec runs, in order."""
-    return [s for s in PIPELINE if s.enabled(spec)]
+    skipped = MAKE_DROPE if spec.model.already_drope else ()
+    return [s for s in PIPELINE if s.enabled(spec) and s.name not in skipped]
 
 
 def by_name(name: str):
