@@ -84,7 +84,7 @@ def test_shorter_lengths_reuse_the_longer_lengths_forwards(model_and_data):
         # summation order: 256's sum now stops at 128 on its way, which moves Brent's parabolic steps ~1e-7)
         assert [b for b, _ in fits[L].evals] == pytest.approx([b for b, _ in alone[L].evals], abs=1e-5), L
         assert [x for _, x in fits[L].evals] == pytest.approx([x for _, x in alone[L].evals], rel=1e-5), L
-        assert fits[L].beta == pytest.approx(alone[L].beta)
+        assert fits[L].beta == pytest.approx(alone[L].beta, abs=1e-5)  # one of the evals above, held as they are
     # Brent's first two points come from the bounds alone: the 128 search gets them from 256's forwards
     assert fits[256].shared == 0 and fits[128].shared >= 2
     n_256, n_128 = len(fits[256].evals), len(fits[128].evals) - fits[128].shared
