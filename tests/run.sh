@@ -23,7 +23,8 @@ else
   .venv/bin/python -m pytest tests -m "not real_model" -n "$workers" --dist loadfile --durations=30
   rc1=$?
   ceiling="${DROPE_TEST_CEILING_S:-2700}"
-  left=$(( ceiling == 0 ? 0 : (ceiling - ($(date +%s) - start) > 1 ? ceiling - ($(date +%s) - start) : 1) ))
+  left=$(( ceiling - ($(date +%s) - start) ))  # what the first part left of the ceiling (0: none)
+  [ "$ceiling" = "0" ] && left=0 || { [ "$left" -ge 1 ] || left=1; }
   DROPE_TEST_CEILING_S="$left" .venv/bin/python -m pytest tests -m real_model --durations=10
   rc2=$?
   # no tests in one part is not a failure of the whole (exit 5); any other failure is
